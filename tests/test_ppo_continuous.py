@@ -1,0 +1,318 @@
+"""ppo_continuous.py: the maths against plain numpy references, then the script end to end."""
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ppo_continuous as ppo
+from conftest import CPU_ARGS, STEPS_PER_ITERATION, only_run_folder, read_json, run_script
+
+jax.config.update("jax_enable_x64", False)
+
+
+def lambda_return_reference(rewards, values, bootstrap, termination, truncation, gamma, lam):
+    """TD(lambda) targets and advantages by the textbook recursion, one sequence at a time.
+
+    G_t = r_t + gamma_t * ((1 - lam) * V_{t+1} + lam * G_{t+1}), with G_U = V_U (the bootstrap); the recursion does not
+    cross a truncated step, which has no target error and no advantage. A_t = r_t + gamma_t * G_{t+1} - V_t."""
+    U, N = rewards.shape
+    targets, advantages = np.zeros((U, N)), np.zeros((U, N))
+    for n in range(N):
+        v = np.append(values[:, n], bootstrap[n])
+        g_next = v[U]  # the lambda-return of the step after t
+        for t in reversed(range(U)):
+            if truncation[t, n]:
+                targets[t, n], advantages[t, n] = values[t, n], 0.0
+                g_next = values[t, n]  # what a step before t bootstraps from: V of the truncated step's state
+                continue
+            discount = gamma * (1.0 - termination[t, n])
+            lam_next = lam if t + 1 < U and not truncation[t + 1, n] else 1.0
+            g = rewards[t, n] + discount * ((1 - lam_next) * v[t + 1] + lam_next * g_next)
+            targets[t, n] = g
+            advantages[t, n] = rewards[t, n] + discount * g_next - values[t, n]
+            g_next = g
+    return targets, advantages
+
+
+def test_advantages_match_lambda_returns_with_truncation_and_termination():
+    rng = np.random.default_rng(0)
+    U, N = 9, 6
+    rewards, values, bootstrap = rng.normal(size=(U, N)), rng.normal(size=(U, N)), rng.normal(size=N)
+    termination, truncation = np.zeros((U, N)), np.zeros((U, N))
+    termination[3, 1] = termination[8, 2] = termination[0, 4] = 1.0
+    truncation[5, 1] = truncation[8, 3] = truncation[2, 4] = truncation[0, 5] = 1.0
+    targets, advantages = ppo.compute_advantages(
+        *map(jnp.asarray, (rewards, values, bootstrap, termination, truncation)), gamma=0.9, gae_lambda=0.8
+    )
+    ref_targets, ref_advantages = lambda_return_reference(rewards, values, bootstrap, termination, truncation, 0.9, 0.8)
+    np.testing.assert_allclose(targets, ref_targets, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(advantages, ref_advantages, rtol=1e-5, atol=1e-5)
+
+
+def test_advantages_with_lambda_one_are_discounted_returns():
+    rewards = jnp.array([[1.0], [2.0], [3.0]])
+    values = jnp.array([[0.5], [-1.0], [4.0]])
+    targets, advantages = ppo.compute_advantages(
+        rewards, values, jnp.array([10.0]), jnp.zeros((3, 1)), jnp.zeros((3, 1)), gamma=0.5, gae_lambda=1.0
+    )
+    np.testing.assert_allclose(targets[:, 0], [1 + 0.5 * 2 + 0.25 * 3 + 0.125 * 10, 2 + 0.5 * 3 + 0.25 * 10, 3 + 5.0])
+    np.testing.assert_allclose(advantages[:, 0], targets[:, 0] - values[:, 0])
+
+
+def test_normalized_advantages_ignore_masked_entries():
+    advantages = jnp.array([1.0, 2.0, 3.0, 100.0])
+    mask = jnp.array([1.0, 1.0, 1.0, 0.0])
+    out = np.asarray(ppo.normalize_advantages(advantages, mask))
+    np.testing.assert_allclose(out[:3], (np.array([1, 2, 3]) - 2) / np.std([1, 2, 3]), rtol=1e-5)
+    assert out[3] == 0.0
+
+
+def test_running_stats_match_numpy_over_several_batches():
+    rng = np.random.default_rng(1)
+    batches = [rng.normal(loc=3.0, scale=s, size=(n, 4)) for s, n in ((0.5, 7), (2.0, 300), (10.0, 1), (1.0, 64))]
+    stats = ppo.init_running_stats(4)
+    for batch in batches:
+        stats = ppo.update_running_stats(stats, jnp.asarray(batch, jnp.float32))
+    everything = np.concatenate(batches)
+    assert float(stats.count) == len(everything)
+    np.testing.assert_allclose(stats.mean, everything.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(stats.var_sum / stats.count, everything.var(0), rtol=1e-4)
+    np.testing.assert_allclose(
+        ppo.normalize(stats, jnp.asarray(everything[:5], jnp.float32)),
+        (everything[:5] - everything.mean(0)) / everything.std(0),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+def test_normalize_is_identity_before_data_and_clips_outliers():
+    stats = ppo.init_running_stats(3)
+    obs = jnp.array([0.5, -2.0, 7.0])
+    np.testing.assert_array_equal(ppo.normalize(stats, obs), obs)
+    constant_so_far = ppo.update_running_stats(stats, jnp.zeros((10, 3)))
+    assert np.all(np.abs(ppo.normalize(constant_so_far, obs)) == 10.0)
+
+
+def test_gaussian_log_prob_and_entropy_against_closed_forms():
+    rng = np.random.default_rng(2)
+    x, mean = rng.normal(size=(5, 3)), rng.normal(size=(5, 3))
+    std = rng.uniform(0.1, 3.0, size=(5, 3))
+    expected = jax.scipy.stats.norm.logpdf(x, mean, std).sum(-1)
+    np.testing.assert_allclose(ppo.gaussian_log_prob(x, mean, std), expected, rtol=1e-5)
+    np.testing.assert_allclose(ppo.gaussian_entropy(std), (0.5 * np.log(2 * np.pi * np.e * std**2)).sum(-1), rtol=1e-5)
+
+
+def test_tanh_log_det_jacobian_is_exact_and_finite_for_large_inputs():
+    x = np.linspace(-4, 4, 17)[:, None]
+    np.testing.assert_allclose(ppo.tanh_log_det_jacobian(x), np.log(1 - np.tanh(x) ** 2)[:, 0], rtol=1e-5, atol=1e-6)
+    far = np.asarray(ppo.tanh_log_det_jacobian(jnp.array([[30.0], [-30.0]])))
+    np.testing.assert_allclose(far, 2 * math.log(2) - 60.0, rtol=1e-6)  # log(4) - 2|x|, where 1 - tanh^2 underflows
+
+
+def test_policy_distribution_starts_near_unit_scale():
+    output = jnp.zeros((2, 6))
+    mean, std = ppo.policy_distribution(output)
+    np.testing.assert_array_equal(mean, 0.0)
+    np.testing.assert_allclose(std, math.log(2) + 1e-3, rtol=1e-6)
+    assert float(ppo.policy_distribution(jnp.full((1, 2), 100.0))[1].max()) == 10.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The script end to end, in the CPU configuration the learning test uses (so they share compiled programs)
+
+SUMMARY_FIELDS = {
+    "env_id",
+    "algo",
+    "seed",
+    "env_steps",
+    "final_eval_return",
+    "final_eval_return_std",
+    "best_eval_return",
+    "wall_time_s",
+    "compile_time_s",
+    "train_sps",
+}
+N = STEPS_PER_ITERATION
+
+
+def test_defaults_follow_the_paper_per_task():
+    args = ppo.Args()
+    ppo.check_args(args)
+    assert (args.gamma, args.num_envs, args.rollout_length, args.num_iterations) == (0.995, 2048, 480, 183)
+    finger = ppo.Args(env_id="FingerSpin")
+    ppo.check_args(finger)
+    assert finger.gamma == 0.95
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs")
+    result = run_script(
+        "ppo_continuous.py",
+        *CPU_ARGS,
+        "--total-timesteps",
+        2 * N,
+        "--eval-interval",
+        N,
+        "--save-model",
+        "--run-dir",
+        run_dir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return only_run_folder(run_dir), result.stdout
+
+
+def test_output_contract(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_path, stdout = trained_run
+    assert os.path.basename(run_path).startswith("CartpoleSwingup__ppo_continuous__1__")
+    config = read_json(os.path.join(run_path, "config.json"))
+    assert {f for f in ppo.Args.__dataclass_fields__} <= set(config)
+    assert config["impl"] == "jax" and config["gamma"] == 0.99 and config["num_iterations"] == 2
+    assert {"jax", "mujoco", "mujoco-mjx", "playground"} <= set(config["versions"]) and config["git_commit"]
+
+    with open(os.path.join(run_path, "eval.csv")) as f:
+        lines = f.read().splitlines()
+    assert lines[0] == "env_steps,eval_return_mean,eval_return_std"
+    rows = [tuple(map(float, line.split(","))) for line in lines[1:]]
+    assert [r[0] for r in rows] == [0, N, 2 * N]
+    assert all(0.0 <= mean <= 1000.0 for _, mean, _ in rows)
+
+    summary = read_json(os.path.join(run_path, "summary.json"))
+    assert set(summary) == SUMMARY_FIELDS
+    assert summary["algo"] == "ppo_continuous" and summary["env_steps"] == 2 * N
+    assert summary["final_eval_return"] == pytest.approx(rows[-1][1], abs=1e-3)
+    assert summary["best_eval_return"] == pytest.approx(max(r[1] for r in rows), abs=1e-3)
+    assert summary["train_sps"] > 0 and summary["compile_time_s"] > 0
+
+    events = EventAccumulator(run_path)
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"eval/episodic_return", "charts/SPS", "losses/policy_loss", "losses/value_loss", "losses/entropy"} <= tags
+    assert [e.step for e in events.Scalars("eval/episodic_return")] == [0, N, 2 * N]
+    assert stdout.count("eval  step") == 3
+    assert not [name for name in os.listdir(run_path) if name.endswith(".tmp")]
+
+
+def test_saved_model_reproduces_its_evaluation(trained_run, tmp_path):
+    run_path, _ = trained_run
+    summary = read_json(os.path.join(run_path, "summary.json"))
+    result = run_script(
+        "ppo_continuous.py",
+        *CPU_ARGS,
+        "--total-timesteps",
+        0,
+        "--load-model",
+        os.path.join(run_path, "model.msgpack"),
+        "--run-dir",
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    reloaded = read_json(os.path.join(only_run_folder(tmp_path), "summary.json"))
+    assert reloaded["env_steps"] == 0
+    assert reloaded["final_eval_return"] == pytest.approx(summary["final_eval_return"], rel=1e-6)
+    assert reloaded["final_eval_return_std"] == pytest.approx(summary["final_eval_return_std"], rel=1e-5, abs=1e-4)
+
+
+def test_warp_physics_runs_the_same_contract(tmp_path):
+    result = run_script("ppo_continuous.py", *CPU_ARGS, "--impl", "warp", "--total-timesteps", N, "--run-dir", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_path = only_run_folder(tmp_path)
+    assert read_json(os.path.join(run_path, "config.json"))["impl"] == "warp"
+    summary = read_json(os.path.join(run_path, "summary.json"))
+    assert summary["env_steps"] == N and 0.0 <= summary["final_eval_return"] <= 1000.0
+
+
+def test_non_finite_update_stops_and_keeps_what_was_written(tmp_path):
+    import flax.serialization
+
+    result = run_script(
+        "ppo_continuous.py",
+        *CPU_ARGS,
+        "--total-timesteps",
+        2 * N,
+        "--learning-rate",
+        1e38,
+        "--save-model",
+        "--run-dir",
+        tmp_path,
+    )
+    assert result.returncode != 0
+    assert "non-finite loss or parameters at iteration 1 " in result.stderr.splitlines()[-1]
+    run_path = only_run_folder(tmp_path)
+    with open(os.path.join(run_path, "eval.csv")) as f:
+        assert [line.split(",")[0] for line in f.read().splitlines()[1:]] == ["0"]
+    with open(os.path.join(run_path, "model.msgpack"), "rb") as f:
+        saved = flax.serialization.msgpack_restore(f.read())
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(saved["params"]))
+    assert not os.path.exists(os.path.join(run_path, "summary.json"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input: one line, a nonzero exit, nothing compiled, nothing written or overwritten
+
+
+@pytest.fixture
+def populated_run_dir(tmp_path):
+    earlier = tmp_path / "CartpoleSwingup__earlier__1__1"
+    earlier.mkdir()
+    (earlier / "summary.json").write_text('{"final_eval_return": 123.0}')
+    return tmp_path
+
+
+def assert_refused(result, run_dir, *fragments):
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: "), result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in last_line
+    assert "compiling" not in result.stdout
+    assert os.listdir(run_dir) == ["CartpoleSwingup__earlier__1__1"]
+    assert (run_dir / "CartpoleSwingup__earlier__1__1" / "summary.json").read_text() == '{"final_eval_return": 123.0}'
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (("--env-id", "CheetahRunn"), ("unknown --env-id 'CheetahRunn'", "CheetahRun, FingerSpin")),
+        (("--num-envs", 3), ("must be a multiple of --num-envs (3)",)),
+        (("--total-timesteps", -5), ("--total-timesteps must be >= 0",)),
+        (("--total-timesteps", 1000), ("less than one iteration (983040 env steps",)),
+        (("--batch-size", 0), ("--batch-size must be positive",)),
+        (("--load-model", "/nonexistent/model.msgpack"), ("no such file",)),
+    ],
+)
+def test_bad_arguments_are_refused(populated_run_dir, args, fragments):
+    result = run_script("ppo_continuous.py", *args, "--run-dir", populated_run_dir, timeout=300)
+    assert_refused(result, populated_run_dir, *fragments)
+
+
+def test_corrupt_model_file_is_refused(populated_run_dir, tmp_path_factory):
+    corrupt = tmp_path_factory.mktemp("models") / "model.msgpack"
+    corrupt.write_bytes(b"\x93 certainly not a model")
+    result = run_script(
+        "ppo_continuous.py", *CPU_ARGS, "--load-model", corrupt, "--run-dir", populated_run_dir, timeout=300
+    )
+    assert_refused(result, populated_run_dir, "not a readable model file")
+    assert corrupt.read_bytes() == b"\x93 certainly not a model"
+
+
+def test_model_of_another_task_is_refused(populated_run_dir, trained_run):
+    model = os.path.join(trained_run[0], "model.msgpack")
+    result = run_script(
+        "ppo_continuous.py",
+        *CPU_ARGS,
+        "--env-id",
+        "CartpoleBalance",
+        "--load-model",
+        model,
+        "--run-dir",
+        populated_run_dir,
+        timeout=300,
+    )
+    assert_refused(result, populated_run_dir, "model for CartpoleSwingup, not ppo_continuous for CartpoleBalance")
