@@ -1,0 +1,975 @@
+"""GoRL with a diffusion (DDPM) decoder on MuJoCo Playground's DeepMind Control Suite (MJX).
+
+GoRL (Zhang, Wan et al., "Generative Online Reinforcement Learning", arXiv 2512.02581) factorises the policy as
+pi(a | s) = integral of g(a | s, z) pi_theta(z | s) dz: a Gaussian latent policy (the encoder) is trained with PPO in
+latent space while a frozen generative decoder maps (state, latent) to the pre-tanh action. Training alternates
+    encoder stage k (PPO, decoder frozen) -> collect (state, action) pairs with it -> fit decoder k+1 as a DDPM
+    noise predictor whose deterministic DDIM chain carries samples of the fixed N(0, I) prior to those actions ->
+    restart the encoder at N(0, I).
+The new decoder turns prior samples into the actions the old policy took, so the restarted policy behaves like the
+old one (the behavioural warm start) while its latent space is free again to explore. Stage 0's decoder is an exact
+identity, so stage 0 is Gaussian PPO. The whole stage loop runs in one process and one JAX runtime.
+
+    python gorl_ppo_diffusion.py --env-id HopperStand      # the paper's configuration: 60M + 60M + 30M + 30M steps
+
+Fixed against the authors' code (see README.md): everything ppo_continuous.py fixes; the encoder restarts at exactly
+N(0, I) (theirs was re-created from the seed); data collection keeps the time limit (theirs ran 9,600-step episodes);
+the final stage's unused collection and decoder fit are skipped; every random draw is seeded; the decoder trains only
+on the noise levels its sampler visits (theirs drew a level with alpha-bar exactly 1, an unlearnable target); stage 0's
+decoder is the identity exactly (theirs scaled the latent by 1.052).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from importlib import metadata
+from typing import Any, Literal, NamedTuple, Optional, Sequence
+
+import flax.linen as nn
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from jax import lax
+from mujoco_playground import dm_control_suite, registry
+from tensorboardX import SummaryWriter
+
+ALGO = "gorl_ppo_diffusion"
+# Per-task discounts of the paper's configuration (Playground's published Brax PPO settings); others use 0.995.
+TASK_GAMMA = {"BallInCup": 0.95, "FingerSpin": 0.95}
+NUM_DIFFUSION_LEVELS = 10  # T of the cosine schedule: the DDIM chain runs from level T - 1 down to level 0
+NUM_NOISE_PAIRS = 8  # (noise, level) pairs drawn per (state, action) in the decoder's loss
+NUM_HISTOGRAM_ACTIONS = 10_000  # actions sampled at one fixed state at the end of each stage (the paper's Figure 7)
+
+
+@dataclass
+class Args:
+    exp_name: str = ALGO
+    """the name of this experiment (part of the run folder's name)"""
+    seed: int = 1
+    """seed of the experiment: every random draw of the run derives from it"""
+    env_id: str = "CheetahRun"
+    """a MuJoCo Playground DeepMind Control Suite task"""
+    impl: Literal["jax", "warp"] = "jax"
+    """the MJX physics implementation (the paper's numbers came from `jax`)"""
+    run_dir: str = "runs"
+    """the folder that receives one sub-folder per run"""
+    save_model: bool = False
+    """save encoder, critic and decoder to `model.msgpack` in the run folder (at every evaluation)"""
+    load_model: Optional[str] = None
+    """start from a `model.msgpack` saved by this script; with `--stage-timesteps 0` it is only evaluated"""
+    track: bool = False
+    """also log to Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "gorl"
+    """the Weights and Biases project"""
+    wandb_entity: Optional[str] = None
+    """the Weights and Biases entity (team)"""
+
+    # Algorithm specific arguments
+    stage_timesteps: tuple[int, ...] = (60_000_000, 60_000_000, 30_000_000, 30_000_000)
+    """env steps of encoder training per stage, each rounded down to whole iterations; a decoder is fitted between
+    consecutive stages"""
+    num_envs: int = 2048
+    """parallel training environments"""
+    num_eval_envs: int = 128
+    """episodes per evaluation, one per parallel environment"""
+    eval_interval: int = 6_000_000
+    """evaluate each time training crosses a multiple of this many env steps (and at step 0 and every stage's end)"""
+    learning_rate: float = 1e-3
+    """Adam's learning rate for encoder and critic (constant)"""
+    gamma: Optional[float] = None
+    """discount factor; default per task: 0.995, 0.95 on FingerSpin and BallInCup"""
+    gae_lambda: float = 0.95
+    """lambda of the advantage estimate"""
+    clip_eps: tuple[float, float] = (0.15, 0.3)
+    """PPO's surrogate clipping epsilon in stage 0 and in later stages"""
+    ent_coef: float = 0.01
+    """coefficient of the latent Gaussian's entropy bonus"""
+    vf_coef: float = 0.25
+    """coefficient of the value loss"""
+    reward_scaling: float = 10.0
+    """rewards are multiplied by this inside the losses only; logged returns are raw"""
+    num_minibatches: int = 32
+    """minibatches per epoch"""
+    batch_size: int = 1024
+    """unroll-length sequences per minibatch"""
+    unroll_length: int = 30
+    """steps per sequence; advantages are computed within a sequence"""
+    update_epochs: int = 16
+    """passes over each rollout"""
+    max_grad_norm: tuple[float, float] = (0.5, 1.0)
+    """global gradient-norm clip in stage 0 and in later stages"""
+    latent_reg: Literal["l2", "kl"] = "l2"
+    """pull of the encoder toward the N(0, I) prior: `l2` = mean(mu^2) + mean(sigma^2) (the authors' code, which the
+    paper's numbers came from), `kl` = KL(pi(z | s) || N(0, I)) summed over latent dimensions (the paper's text)"""
+    latent_reg_coef: tuple[float, float] = (5e-4, 1e-3)
+    """coefficient of the latent regulariser in stage 0 and in later stages"""
+    decoder_dataset_size: int = 10_000_000
+    """(state, action) pairs collected after each stage but the last to fit the next decoder (10% held out)"""
+    decoder_batch_size: int = 8192
+    """(state, action) pairs per decoder gradient step"""
+    decoder_epochs: int = 50
+    """most passes over the decoder's training pairs"""
+    decoder_patience: int = 20
+    """stop fitting the decoder after this many epochs without a better held-out loss"""
+    decoder_learning_rate: float = 3e-4
+    """Adam's learning rate for the decoder"""
+
+    rollout_length: int = field(default=0, init=False)
+    """steps per env per iteration (filled at runtime: num_minibatches * batch_size * unroll_length / num_envs)"""
+    stage_iterations: tuple[int, ...] = field(default=(), init=False)
+    """training iterations per stage (filled at runtime)"""
+    collection_rollouts: int = field(default=0, init=False)
+    """rollouts collected before each decoder fit (filled at runtime)"""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Networks
+
+
+class MLP(nn.Module):
+    """Dense layers with SiLU between them and a linear output; LeCun-uniform weights, zero biases."""
+
+    layer_sizes: Sequence[int]
+
+    @nn.compact
+    def __call__(self, x):
+        for i, size in enumerate(self.layer_sizes):
+            x = nn.Dense(size, kernel_init=nn.initializers.lecun_uniform())(x)
+            if i < len(self.layer_sizes) - 1:
+                x = nn.silu(x)
+        return x
+
+
+def policy_distribution(policy_output):
+    """Mean and std of the diagonal Gaussian over latents from the latent policy's 2D outputs."""
+    mean, raw_std = jnp.split(policy_output, 2, axis=-1)
+    return mean, jnp.minimum(nn.softplus(raw_std) + 1e-3, 10.0)
+
+
+def gaussian_log_prob(x, mean, std):
+    return jnp.sum(-0.5 * ((x - mean) / std) ** 2 - 0.5 * jnp.log(2 * jnp.pi) - jnp.log(std), axis=-1)
+
+
+def gaussian_entropy(std):
+    return jnp.sum(0.5 + 0.5 * jnp.log(2 * jnp.pi) + jnp.log(std), axis=-1)
+
+
+def latent_regularizer(mean, std, kind):
+    """How far the latent policy has drifted from the N(0, I) prior the decoder was trained on."""
+    if kind == "kl":
+        return jnp.mean(jnp.sum(0.5 * (mean**2 + std**2 - 1.0) - jnp.log(std), axis=-1))
+    return jnp.mean(mean**2) + jnp.mean(std**2)
+
+
+def prior_params(latent_policy, key, obs_size):
+    """Latent policy parameters that give exactly N(0, I) in every state: zero output weights, and output biases of
+    0 for the mean and softplus^-1(1 - 1e-3) for the std."""
+    params = latent_policy.init(key, jnp.zeros((1, obs_size)))
+    last = f"Dense_{len(latent_policy.layer_sizes) - 1}"
+    output = params["params"][last]
+    latent_size = output["bias"].shape[0] // 2
+    std_bias = jnp.log(jnp.expm1(1.0 - 1e-3))
+    output = {
+        "kernel": jnp.zeros_like(output["kernel"]),
+        "bias": jnp.concatenate([jnp.zeros(latent_size), jnp.full(latent_size, std_bias)]),
+    }
+    return {"params": {**params["params"], last: output}}
+
+
+def time_embedding(t):
+    """[cos(t 2^k), sin(t 2^k)] for k = 0..3: the decoder's 8 time features."""
+    frequencies = 2.0 ** jnp.arange(4)
+    return jnp.concatenate([jnp.cos(t * frequencies), jnp.sin(t * frequencies)], axis=-1)
+
+
+class ConditionalField(nn.Module):
+    """f(s, x, t): an MLP on [normalised state, x, time features]; the decoder's noise predictor eps(s, x_k, k / T)."""
+
+    hidden_sizes: Sequence[int]
+    output_size: int
+
+    @nn.compact
+    def __call__(self, obs, x, t):
+        t = jnp.broadcast_to(t, x.shape[:-1] + (1,))
+        return MLP((*self.hidden_sizes, self.output_size))(jnp.concatenate([obs, x, time_embedding(t)], axis=-1))
+
+
+def cosine_alpha_bars(num_levels, s=0.008):
+    """Nichol and Dhariwal's cosine schedule at levels k = 0..T-1: alpha_bar_k = f(k / T) / f(0) with
+    f(u) = cos^2((u + s) / (1 + s) * pi / 2). Level 0 is the clean action (alpha_bar = 1); the noisiest level, T - 1,
+    keeps sqrt(alpha_bar) = 0.155 of it, so the first DDIM step stays well conditioned (level T would keep none)."""
+    f = jnp.cos((jnp.arange(num_levels) / num_levels + s) / (1 + s) * jnp.pi / 2) ** 2
+    return f / f[0]
+
+
+def ddim_step(x, predicted_noise, alpha_bar, next_alpha_bar):
+    """One deterministic DDIM step (eta = 0): estimate the clean action from x at a level, then noise it back to the
+    next, lower level with the same predicted noise."""
+    clean = (x - jnp.sqrt(1.0 - alpha_bar) * predicted_noise) / jnp.sqrt(alpha_bar)
+    return jnp.sqrt(next_alpha_bar) * clean + jnp.sqrt(1.0 - next_alpha_bar) * predicted_noise
+
+
+class Decoder(NamedTuple):
+    params: Any
+    obs_stats: Any  # RunningStats of the states it was fitted on
+    identity: jax.Array  # () bool: stage 0's decoder, which returns the latent itself
+
+
+def identity_decoder(decoder_network, key, obs_size, action_size):
+    """Stage 0's decoder. A zero network would not do: its DDIM chain scales the latent by 1 / sqrt(alpha_bar_{T-1}).
+    The flag selects the latent exactly (to the bit), and one compiled program serves every stage."""
+    params = decoder_network.init(key, jnp.zeros((1, obs_size)), jnp.zeros((1, action_size)), jnp.zeros((1, 1)))
+    return Decoder(jax.tree.map(jnp.zeros_like, params), init_running_stats(obs_size), jnp.array(True))
+
+
+def decode(decoder_network, decoder, obs, latent):
+    """The pre-tanh action for each (raw observation, latent): the deterministic DDIM chain from x = latent at the
+    noisiest level down to level 0."""
+    obs = normalize(decoder.obs_stats, obs)
+    alpha_bars = cosine_alpha_bars(NUM_DIFFUSION_LEVELS)
+
+    def step(x, level):
+        predicted_noise = decoder_network.apply(decoder.params, obs, x, level / NUM_DIFFUSION_LEVELS)
+        return ddim_step(x, predicted_noise, alpha_bars[level], alpha_bars[level - 1]), None
+
+    x, _ = lax.scan(step, latent, jnp.arange(NUM_DIFFUSION_LEVELS - 1, 0, -1))
+    return jnp.where(decoder.identity, latent, x)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Environment
+
+
+def make_env(env_id, impl):
+    """The Playground env with the chosen physics implementation, and its episode length (time limit)."""
+    config = registry.get_default_config(env_id)
+    config.impl = impl
+    return registry.load(env_id, config=config), config.episode_length
+
+
+class RunningStats(NamedTuple):
+    count: jax.Array  # ()
+    mean: jax.Array  # (O,)
+    var_sum: jax.Array  # (O,) sum of squared deviations from the mean
+
+
+def init_running_stats(size):
+    return RunningStats(jnp.zeros(()), jnp.zeros(size), jnp.zeros(size))
+
+
+def update_running_stats(stats, batch):
+    """Fold a batch of observations (..., O) into the statistics (Chan et al.'s parallel algorithm)."""
+    batch = batch.reshape(-1, batch.shape[-1])
+    count = stats.count + batch.shape[0]
+    batch_mean = jnp.mean(batch, axis=0)
+    delta = batch_mean - stats.mean
+    mean = stats.mean + delta * batch.shape[0] / count
+    # The authors' update replaced var_sum instead of adding to it, so their std shrank as 1/sqrt(updates).
+    var_sum = (
+        stats.var_sum + jnp.sum((batch - batch_mean) ** 2, axis=0) + delta**2 * stats.count * batch.shape[0] / count
+    )
+    return RunningStats(count, mean, var_sum)
+
+
+def normalize(stats, obs):
+    """Standardise observations; the identity before any data. The clip keeps a feature that was constant so far
+    (an idle touch sensor) from exploding the first time it moves."""
+    std = jnp.sqrt(jnp.clip(stats.var_sum / jnp.maximum(stats.count, 1.0), 1e-12, 1e12))
+    std = jnp.where(stats.count > 0, std, 1.0)
+    return jnp.clip((obs - stats.mean) / std, -10.0, 10.0)
+
+
+class RolloutCarry(NamedTuple):
+    env_state: Any  # Playground State, every leaf with a leading env axis (B, ...)
+    steps: jax.Array  # (B,) steps taken in the current episode
+    episode_return: jax.Array  # (B,) raw reward summed over the current episode
+
+
+class Transition(NamedTuple):
+    obs: jax.Array  # (T, B, O) raw observation the latent was chosen from
+    latent: jax.Array  # (T, B, D) latent sampled by the latent policy
+    log_prob: jax.Array  # (T, B) log-probability of `latent` under the latent policy that acted
+    action: jax.Array  # (T, B, A) pre-tanh action the decoder made of it: the next decoder's training target
+    reward: jax.Array  # (T, B) raw reward
+    termination: jax.Array  # (T, B) 1.0 where the env ended the episode: no bootstrap
+    truncation: jax.Array  # (T, B) 1.0 where the time limit cut it: the step is left out of the losses
+
+
+def make_rollout(env, latent_policy, decoder_network, num_steps, episode_length):
+    # MJX-Warp keeps some buffers shared by all envs (no env axis); auto-reset must leave those leaves alone.
+    single_state = jax.eval_shape(env.reset, jax.random.key(0))
+
+    def reset_where(done, reset_state, state):
+        def select(single, reset_leaf, leaf):
+            if leaf.shape != done.shape + single.shape:
+                return leaf
+            return jnp.where(done.reshape(done.shape + (1,) * len(single.shape)), reset_leaf, leaf)
+
+        return jax.tree.map(select, single_state, reset_state, state)
+
+    def init(key, num_envs):
+        env_state = jax.vmap(env.reset)(jax.random.split(key, num_envs))
+        # Reset leaves `data.time` weak-typed where env.step makes it strong: cast once so the iteration compiles once.
+        env_state = jax.tree.map(lambda x: x.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.number) else x, env_state)
+        return RolloutCarry(env_state, jnp.zeros(num_envs, jnp.int32), jnp.zeros(num_envs))
+
+    def rollout(policy_params, obs_stats, decoder, carry, key):
+        """Step every env `num_steps` times with the stochastic latent policy through the frozen decoder; returns
+        time-major (T, B) transitions."""
+        reset_key, key = jax.random.split(key)
+        # New start states every iteration, so each episode begins from a fresh random state.
+        reset_state = jax.vmap(env.reset)(jax.random.split(reset_key, carry.steps.shape[0]))
+
+        def step(carry, key):
+            obs = carry.env_state.obs
+            mean, std = policy_distribution(latent_policy.apply(policy_params, normalize(obs_stats, obs)))
+            latent = mean + std * jax.random.normal(key, mean.shape)
+            action = decode(decoder_network, decoder, obs, latent)
+            env_state = jax.vmap(env.step)(carry.env_state, jnp.tanh(action))
+            steps = carry.steps + 1
+            episode_return = carry.episode_return + env_state.reward
+            termination = env_state.done
+            truncation = jnp.where(steps >= episode_length, 1.0 - termination, 0.0)
+            done = (termination + truncation) > 0
+            transition = Transition(
+                obs, latent, gaussian_log_prob(latent, mean, std), action, env_state.reward, termination, truncation
+            )
+            carry = RolloutCarry(
+                reset_where(done, reset_state, env_state),
+                jnp.where(done, 0, steps),
+                jnp.where(done, 0.0, episode_return),
+            )
+            return carry, (transition, jnp.where(done, episode_return, jnp.nan))
+
+        carry, (transitions, finished_returns) = lax.scan(step, carry, jax.random.split(key, num_steps))
+        return carry, transitions, finished_returns
+
+    return init, rollout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Losses and the update
+
+
+def compute_advantages(rewards, values, bootstrap_value, termination, truncation, gamma, gae_lambda):
+    """Brax-form advantages over time-major (U, N) sequences.
+
+    The value targets are TD(lambda) returns; the advantage is r_t + gamma * target_{t+1} - V_t. Termination stops
+    bootstrapping; a truncated step (its successor is already a reset state) gets neither target error nor advantage,
+    and the lambda-recursion does not cross it."""
+    not_truncated = 1.0 - truncation
+    discounts = gamma * (1.0 - termination)
+    next_values = jnp.concatenate([values[1:], bootstrap_value[None]])
+    deltas = (rewards + discounts * next_values - values) * not_truncated
+
+    def backward(acc, xs):
+        delta, discount, mask = xs
+        acc = delta + discount * gae_lambda * mask * acc
+        return acc, acc
+
+    _, targets_minus_values = lax.scan(
+        backward, jnp.zeros_like(bootstrap_value), (deltas, discounts, not_truncated), reverse=True
+    )
+    value_targets = targets_minus_values + values
+    next_targets = jnp.concatenate([value_targets[1:], bootstrap_value[None]])
+    advantages = (rewards + discounts * next_targets - values) * not_truncated
+    return lax.stop_gradient(value_targets), lax.stop_gradient(advantages)
+
+
+def normalize_advantages(advantages, mask):
+    """Zero mean, unit std over the entries where mask is 1; masked entries stay 0."""
+    count = jnp.maximum(jnp.sum(mask), 1.0)
+    mean = jnp.sum(advantages * mask) / count
+    std = jnp.sqrt(jnp.sum(((advantages - mean) * mask) ** 2) / count)
+    return (advantages - mean) / (std + 1e-8) * mask
+
+
+class TrainState(NamedTuple):
+    params: dict  # {"latent_policy": ..., "critic": ...}
+    opt_state: Any
+    obs_stats: RunningStats
+    rollout_carry: RolloutCarry
+    key: jax.Array
+
+
+class StageSettings(NamedTuple):
+    """The hyper-parameters that change between stages, passed as arrays so that one program serves every stage."""
+
+    clip_eps: jax.Array
+    max_grad_norm: jax.Array
+    latent_reg_coef: jax.Array
+
+
+def stage_settings(args, stage):
+    later = min(stage, 1)
+    return StageSettings(*(jnp.float32(v[later]) for v in (args.clip_eps, args.max_grad_norm, args.latent_reg_coef)))
+
+
+def make_update(latent_policy, critic, optimizer, args):
+    def loss_fn(params, obs_stats, settings, batch, bootstrap_obs, key):
+        obs = normalize(obs_stats, batch.obs)  # (U, N, O)
+        mean, std = policy_distribution(latent_policy.apply(params["latent_policy"], obs))
+        values = critic.apply(params["critic"], obs)[..., 0]  # (U, N)
+        bootstrap_value = critic.apply(params["critic"], normalize(obs_stats, bootstrap_obs))[..., 0]  # (N,)
+        value_targets, advantages = compute_advantages(
+            batch.reward * args.reward_scaling,
+            values,
+            bootstrap_value,
+            batch.termination,
+            batch.truncation,
+            args.gamma,
+            args.gae_lambda,
+        )
+        advantages = normalize_advantages(advantages, 1.0 - batch.truncation)
+
+        # Ratios of latent likelihoods: with the decoder fixed, they give the policy gradient of the action policy.
+        log_ratio = gaussian_log_prob(batch.latent, mean, std) - batch.log_prob
+        ratio = jnp.exp(log_ratio)
+        clipped_ratio = jnp.clip(ratio, 1.0 - settings.clip_eps, 1.0 + settings.clip_eps)
+        policy_loss = -jnp.mean(jnp.minimum(ratio * advantages, clipped_ratio * advantages))
+        value_loss = jnp.mean((value_targets - values) ** 2)
+        entropy = jnp.mean(gaussian_entropy(std))
+        latent_reg = latent_regularizer(mean, std, args.latent_reg)
+        loss = policy_loss + args.vf_coef * value_loss - args.ent_coef * entropy + settings.latent_reg_coef * latent_reg
+        return loss, {
+            "loss": loss,
+            "policy_loss": policy_loss,
+            "value_loss": value_loss,
+            "entropy": entropy,
+            "latent_reg": latent_reg,
+            "approx_kl": jnp.mean((ratio - 1.0) - log_ratio),
+            "clipfrac": jnp.mean(jnp.abs(ratio - 1.0) > settings.clip_eps),
+        }
+
+    def update(params, opt_state, obs_stats, settings, transitions, last_obs, key):
+        """`update_epochs` passes over one rollout, each cutting it into freshly shuffled minibatches of sequences."""
+        unroll, num_minibatches, batch_size = args.unroll_length, args.num_minibatches, args.batch_size
+        # (T, B, ...) -> (B * T / U, U, ...): every env's rollout cut into consecutive sequences of U steps.
+        sequences = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((-1, unroll) + x.shape[2:]), transitions)
+        # A sequence bootstraps from the observation after its last step (unused where that step ended an episode).
+        bootstrap_obs = jnp.concatenate([transitions.obs, last_obs[None]])[unroll::unroll]  # (T / U, B, O)
+        bootstrap_obs = jnp.swapaxes(bootstrap_obs, 0, 1).reshape(-1, last_obs.shape[-1])  # (B * T / U, O)
+
+        def minibatch_step(carry, minibatch):
+            params, opt_state = carry
+            batch, batch_bootstrap_obs, key = minibatch
+            grads, metrics = jax.grad(loss_fn, has_aux=True)(
+                params, obs_stats, settings, batch, batch_bootstrap_obs, key
+            )
+            metrics["grad_norm"] = optax.global_norm(grads)
+            grads, _ = optax.clip_by_global_norm(settings.max_grad_norm).update(grads, optax.EmptyState())
+            updates, opt_state = optimizer.update(grads, opt_state)
+            return (optax.apply_updates(params, updates), opt_state), metrics
+
+        def epoch(carry, key):
+            permutation_key, key = jax.random.split(key)
+            permutation = jax.random.permutation(permutation_key, bootstrap_obs.shape[0])
+            # (B * T / U, U, ...) -> (num_minibatches, U, batch_size, ...): time-major inside a minibatch.
+            batches = jax.tree.map(
+                lambda x: jnp.swapaxes(x[permutation].reshape((num_minibatches, batch_size) + x.shape[1:]), 1, 2),
+                sequences,
+            )
+            batch_bootstrap_obs = bootstrap_obs[permutation].reshape(num_minibatches, batch_size, -1)
+            return lax.scan(
+                minibatch_step, carry, (batches, batch_bootstrap_obs, jax.random.split(key, num_minibatches))
+            )
+
+        (params, opt_state), metrics = lax.scan(epoch, (params, opt_state), jax.random.split(key, args.update_epochs))
+        return params, opt_state, jax.tree.map(jnp.mean, metrics)
+
+    return update
+
+
+def make_train_iteration(rollout, update):
+    def train_iteration(state, decoder, settings):
+        key, rollout_key, update_key = jax.random.split(state.key, 3)
+        carry, transitions, finished_returns = rollout(
+            state.params["latent_policy"], state.obs_stats, decoder, state.rollout_carry, rollout_key
+        )
+        params, opt_state, metrics = update(
+            state.params, state.opt_state, state.obs_stats, settings, transitions, carry.env_state.obs, update_key
+        )
+        # The update normalised with the statistics the rollout used, so its first ratios are exactly 1; the new
+        # observations are folded in afterwards.
+        obs_stats = update_running_stats(state.obs_stats, transitions.obs)
+        metrics["train_episode_return"] = jnp.nanmean(finished_returns)
+        metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.all(
+            jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)])
+        )
+        return TrainState(params, opt_state, obs_stats, carry, key), metrics
+
+    return train_iteration
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The decoder: data collection and denoising diffusion
+
+
+def diffusion_loss(decoder_network, params, obs, actions, noise, levels):
+    """DDPM's noise-prediction loss at x_k = sqrt(alpha_bar_k) * action + sqrt(1 - alpha_bar_k) * noise.
+    obs (N, O) normalised, actions (N, A), noise (K, N, A), levels (K, N, 1) integers in 1..T-1."""
+    alpha_bar = cosine_alpha_bars(NUM_DIFFUSION_LEVELS)[levels]
+    x_k = jnp.sqrt(alpha_bar) * actions + jnp.sqrt(1.0 - alpha_bar) * noise
+    obs = jnp.broadcast_to(obs, x_k.shape[:-1] + obs.shape[-1:])
+    return jnp.mean((decoder_network.apply(params, obs, x_k, levels / NUM_DIFFUSION_LEVELS) - noise) ** 2)
+
+
+def make_decoder_trainer(decoder_network, args):
+    optimizer = optax.adam(args.decoder_learning_rate)
+
+    def loss_fn(params, obs, actions, key):
+        # Fresh draws from the fixed N(0, I) prior, never the encoder's latents: the decoder learns a transport from
+        # the prior to the actions the stage's whole stochastic policy took.
+        noise_key, level_key = jax.random.split(key)
+        noise = jax.random.normal(noise_key, (NUM_NOISE_PAIRS,) + actions.shape)
+        # Only the levels the sampler evaluates: at level 0 x_k is the action itself and the noise is unlearnable.
+        levels = jax.random.randint(level_key, (NUM_NOISE_PAIRS,) + actions.shape[:-1] + (1,), 1, NUM_DIFFUSION_LEVELS)
+        return diffusion_loss(decoder_network, params, obs, actions, noise, levels)
+
+    @jax.jit
+    def train_epoch(params, opt_state, obs, actions, key):
+        """One pass over the training pairs in freshly shuffled batches; the data never leaves the device."""
+        permutation_key, key = jax.random.split(key)
+        num_batches = obs.shape[0] // args.decoder_batch_size
+        batches = jax.random.permutation(permutation_key, obs.shape[0])[: num_batches * args.decoder_batch_size]
+
+        def step(carry, xs):
+            params, opt_state = carry
+            indices, key = xs
+            loss, grads = jax.value_and_grad(loss_fn)(params, obs[indices], actions[indices], key)
+            updates, opt_state = optimizer.update(grads, opt_state)
+            return (optax.apply_updates(params, updates), opt_state), loss
+
+        xs = (batches.reshape(num_batches, -1), jax.random.split(key, num_batches))
+        (params, opt_state), losses = lax.scan(step, (params, opt_state), xs)
+        return params, opt_state, jnp.mean(losses)
+
+    @jax.jit
+    def validation_loss(params, obs, actions, key):
+        """The held-out loss, in batches, with the same noise every epoch so that epochs compare fairly."""
+        batch_size = min(args.decoder_batch_size, obs.shape[0])
+        num_batches = obs.shape[0] // batch_size
+        batches = jax.tree.map(
+            lambda x: x[: num_batches * batch_size].reshape((num_batches, batch_size) + x.shape[1:]), (obs, actions)
+        )
+        return jnp.mean(lax.map(lambda xs: loss_fn(params, *xs), (*batches, jax.random.split(key, num_batches))))
+
+    def train_decoder(obs, actions, key, report):
+        """A new decoder fitted to raw observations (N, O) and pre-tanh actions (N, A), 10% of them held out; returns
+        the parameters of the epoch with the best held-out loss, that loss and the number of epochs run."""
+        split_key, init_key, epoch_key, validation_key = jax.random.split(key, 4)
+        permutation = jax.random.permutation(split_key, obs.shape[0])
+        num_validation = obs.shape[0] // 10
+        obs_stats = update_running_stats(init_running_stats(obs.shape[-1]), obs[permutation[num_validation:]])
+        obs = normalize(obs_stats, obs)
+        train = (obs[permutation[num_validation:]], actions[permutation[num_validation:]])
+        validation = (obs[permutation[:num_validation]], actions[permutation[:num_validation]])
+
+        params = decoder_network.init(init_key, obs[:1], actions[:1], jnp.zeros((1, 1)))
+        opt_state = optimizer.init(params)
+        best_loss, best_params, best_epoch = np.inf, params, 0
+        for epoch in range(1, args.decoder_epochs + 1):
+            params, opt_state, train_loss = train_epoch(params, opt_state, *train, jax.random.fold_in(epoch_key, epoch))
+            loss = float(validation_loss(params, *validation, validation_key))
+            if loss < best_loss:
+                best_loss, best_params, best_epoch = loss, params, epoch
+            report(epoch, float(train_loss), loss, best_epoch == epoch)
+            if epoch - best_epoch >= args.decoder_patience:
+                break
+        return Decoder(best_params, obs_stats, jnp.array(False)), best_loss, epoch
+
+    return train_decoder
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def make_evaluate(env, latent_policy, decoder_network, num_eval_envs, episode_length):
+    def evaluate(policy_params, obs_stats, decoder, key, noise_scale):
+        """Raw returns in `num_eval_envs` fresh episodes of `episode_length` steps, without auto-reset. noise_scale 0:
+        the deterministic policy, the latent policy's mean through the decoder; 1: the stochastic policy."""
+        reset_key, latent_key = jax.random.split(key)
+        env_state = jax.vmap(env.reset)(jax.random.split(reset_key, num_eval_envs))
+
+        def step(carry, key):
+            env_state, alive, returns = carry
+            mean, std = policy_distribution(latent_policy.apply(policy_params, normalize(obs_stats, env_state.obs)))
+            latent = mean + noise_scale * std * jax.random.normal(key, mean.shape)
+            action = decode(decoder_network, decoder, env_state.obs, latent)
+            env_state = jax.vmap(env.step)(env_state, jnp.tanh(action))
+            returns = returns + jnp.where(alive, env_state.reward, 0.0)
+            # An episode the env ends (its physics went NaN) scores nothing more.
+            return (env_state, alive & (env_state.done == 0), returns), None
+
+        init = (env_state, jnp.ones(num_eval_envs, bool), jnp.zeros(num_eval_envs))
+        (_, _, returns), _ = lax.scan(step, init, jax.random.split(latent_key, episode_length))
+        return returns
+
+    return evaluate
+
+
+def make_action_sampler(latent_policy, decoder_network):
+    @jax.jit
+    def sample_actions(policy_params, obs_stats, decoder, obs, key):
+        """NUM_HISTOGRAM_ACTIONS env actions the stochastic policy takes in the state with raw observation obs (O,)."""
+        obs = jnp.broadcast_to(obs, (NUM_HISTOGRAM_ACTIONS, obs.shape[-1]))
+        mean, std = policy_distribution(latent_policy.apply(policy_params, normalize(obs_stats, obs)))
+        latent = mean + std * jax.random.normal(key, mean.shape)
+        return jnp.tanh(decode(decoder_network, decoder, obs, latent))
+
+    return sample_actions
+
+
+def first_principal_component(actions):
+    """Project (N, A) actions onto their first principal axis."""
+    centered = actions - actions.mean(axis=0)
+    _, _, axes = np.linalg.svd(centered, full_matrices=False)
+    return centered @ axes[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# main
+
+
+def check_args(args):
+    """Exit with one line naming the problem, before anything is compiled or written."""
+    if args.env_id not in dm_control_suite.ALL_ENVS:
+        sys.exit(f"error: unknown --env-id {args.env_id!r}; choose one of: {', '.join(dm_control_suite.ALL_ENVS)}")
+    for name in (
+        "num_envs",
+        "num_eval_envs",
+        "eval_interval",
+        "num_minibatches",
+        "batch_size",
+        "unroll_length",
+        "update_epochs",
+        "decoder_dataset_size",
+        "decoder_batch_size",
+        "decoder_epochs",
+        "decoder_patience",
+    ):
+        if getattr(args, name) <= 0:
+            sys.exit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if (args.num_minibatches * args.batch_size) % args.num_envs:
+        sys.exit(
+            f"error: --num-minibatches x --batch-size ({args.num_minibatches} x {args.batch_size}) must be a multiple "
+            f"of --num-envs ({args.num_envs}), so that every env's rollout cuts into whole unrolls"
+        )
+    if args.gamma is not None and not 0.0 < args.gamma <= 1.0:
+        sys.exit(f"error: --gamma must be in (0, 1], got {args.gamma}")
+    if args.learning_rate <= 0 or args.decoder_learning_rate <= 0 or min(args.clip_eps + args.max_grad_norm) <= 0:
+        sys.exit("error: --learning-rate, --decoder-learning-rate, --clip-eps and --max-grad-norm must be positive")
+    if min(args.latent_reg_coef) < 0:
+        sys.exit(f"error: --latent-reg-coef must be >= 0, got {args.latent_reg_coef}")
+    if args.decoder_batch_size > args.decoder_dataset_size - args.decoder_dataset_size // 10:
+        sys.exit(
+            f"error: --decoder-batch-size {args.decoder_batch_size} is larger than the decoder's training split "
+            f"({args.decoder_dataset_size - args.decoder_dataset_size // 10} of --decoder-dataset-size)"
+        )
+    if args.load_model is not None and not os.path.isfile(args.load_model):
+        sys.exit(f"error: --load-model {args.load_model}: no such file")
+    args.rollout_length = args.num_minibatches * args.batch_size * args.unroll_length // args.num_envs
+    steps_per_iteration = args.num_envs * args.rollout_length
+    if not args.stage_timesteps:
+        sys.exit("error: --stage-timesteps needs one number per stage, e.g. --stage-timesteps 60000000 60000000")
+    if args.stage_timesteps != (0,) and min(args.stage_timesteps) < steps_per_iteration:
+        sys.exit(
+            f"error: every stage of --stage-timesteps {' '.join(map(str, args.stage_timesteps))} needs at least one "
+            f"iteration ({steps_per_iteration} env steps = --num-envs x rollout length); --stage-timesteps 0 only "
+            f"evaluates"
+        )
+    args.stage_iterations = tuple(steps // steps_per_iteration for steps in args.stage_timesteps)
+    args.collection_rollouts = -(-args.decoder_dataset_size // steps_per_iteration)
+    if args.gamma is None:
+        args.gamma = TASK_GAMMA.get(args.env_id, 0.995)
+
+
+def write_atomic(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def save_model(path, args, params, obs_stats, decoder):
+    payload = {"algo": ALGO, "env_id": args.env_id, "params": params, "obs_stats": obs_stats, "decoder": decoder}
+    with open(path + ".tmp", "wb") as f:
+        f.write(flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(payload)))
+    os.replace(path + ".tmp", path)
+
+
+def load_model(path, args, params, obs_stats, decoder):
+    """The (params, obs_stats, decoder) saved in `path`, checked against this task's networks; exits with one line
+    if not."""
+    try:
+        with open(path, "rb") as f:
+            saved = flax.serialization.msgpack_restore(f.read())
+        if not isinstance(saved, dict) or "params" not in saved:
+            raise ValueError("not a model saved by --save-model")
+    except Exception as e:
+        sys.exit(f"error: --load-model {path} is not a readable model file ({e})")
+    if saved.get("algo") != ALGO or saved.get("env_id") != args.env_id:
+        sys.exit(
+            f"error: --load-model {path} holds a {saved.get('algo')} model for {saved.get('env_id')}, "
+            f"not {ALGO} for {args.env_id}"
+        )
+    target = {"params": params, "obs_stats": obs_stats, "decoder": decoder}
+    try:
+        restored = flax.serialization.from_state_dict(target, {k: saved[k] for k in target})
+        mismatch = jax.tree.leaves(jax.tree.map(lambda a, b: np.shape(a) != np.shape(b), target, restored))
+        if any(mismatch):
+            raise ValueError("array shapes differ")
+    except Exception as e:
+        sys.exit(f"error: --load-model {path} does not match the networks of this configuration ({e})")
+    return restored["params"], restored["obs_stats"], restored["decoder"]
+
+
+def run_metadata():
+    versions = {
+        p: metadata.version(p) for p in ("jax", "jaxlib", "flax", "optax", "mujoco", "mujoco-mjx", "playground")
+    }
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"versions": versions, "git_commit": commit}
+
+
+def main(args):
+    start_time = time.time()
+    check_args(args)
+    key = jax.random.key(args.seed)
+    policy_key, critic_key, env_key, eval_key, train_key, decoder_key = jax.random.split(key, 6)
+    env, episode_length = make_env(args.env_id, args.impl)
+    latent_policy = MLP((32,) * 4 + (2 * env.action_size,))  # the latent has the action's dimension
+    critic = MLP((256,) * 5 + (1,))
+    decoder_network = ConditionalField((64,) * 4, env.action_size)
+    dummy_obs = jnp.zeros((1, env.observation_size))
+    # The encoder starts every stage at the prior (the authors' code re-created it from the seed instead).
+    params = {
+        "latent_policy": prior_params(latent_policy, policy_key, env.observation_size),
+        "critic": critic.init(critic_key, dummy_obs),
+    }
+    obs_stats = init_running_stats(env.observation_size)
+    decoder = identity_decoder(decoder_network, decoder_key, env.observation_size, env.action_size)
+    if args.load_model:
+        params, obs_stats, decoder = load_model(args.load_model, args, params, obs_stats, decoder)
+    optimizer = optax.adam(args.learning_rate)
+
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_path = os.path.join(args.run_dir, run_name)
+    os.makedirs(run_path)
+    write_atomic(os.path.join(run_path, "config.json"), json.dumps({**asdict(args), **run_metadata()}, indent=2))
+    if args.track:
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            name=run_name,
+            config=asdict(args),
+            sync_tensorboard=True,
+            save_code=True,
+        )
+    writer = SummaryWriter(run_path)
+    writer.add_text(
+        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+    )
+    print(f"run folder: {run_path}")
+
+    init_rollout, rollout = make_rollout(env, latent_policy, decoder_network, args.rollout_length, episode_length)
+    update = make_update(latent_policy, critic, optimizer, args)
+    evaluate = make_evaluate(env, latent_policy, decoder_network, args.num_eval_envs, episode_length)
+    train_decoder = make_decoder_trainer(decoder_network, args)
+    sample_actions = make_action_sampler(latent_policy, decoder_network)
+
+    steps_per_iteration = args.num_envs * args.rollout_length
+    print(
+        f"{args.env_id} ({args.impl}): stages of {', '.join(map(str, args.stage_iterations))} iterations x "
+        f"{steps_per_iteration:,} env steps; compiling..."
+    )
+    compile_start = time.time()
+    evaluate = jax.jit(evaluate).lower(params["latent_policy"], obs_stats, decoder, eval_key, 0.0).compile()
+    if sum(args.stage_iterations) > 0:
+        state = TrainState(
+            params,
+            optimizer.init(params),
+            obs_stats,
+            jax.jit(init_rollout, static_argnums=1)(env_key, args.num_envs),
+            train_key,
+        )
+        train_iteration = (
+            jax.jit(make_train_iteration(rollout, update), donate_argnums=0)
+            .lower(state, decoder, stage_settings(args, 0))
+            .compile()
+        )
+        # The state of the Figure-7 histograms: a fresh start state of the first training env.
+        histogram_obs = state.rollout_carry.env_state.obs[0]
+    if len(args.stage_iterations) > 1:
+        collect_rollout = (
+            jax.jit(rollout)
+            .lower(params["latent_policy"], obs_stats, decoder, state.rollout_carry, train_key)
+            .compile()
+        )
+    compile_time = time.time() - compile_start
+    print(f"compiled in {compile_time:.1f} s")
+
+    eval_rows, stage_records, train_time, env_steps, collection_steps = [], [], 0.0, 0, 0
+
+    def run_evaluation(env_steps, params, obs_stats, decoder):
+        returns = np.asarray(evaluate(params["latent_policy"], obs_stats, decoder, eval_key, 0.0))
+        eval_rows.append((env_steps, float(returns.mean()), float(returns.std())))
+        writer.add_scalar("eval/episodic_return", returns.mean(), env_steps)
+        writer.add_scalar("eval/episodic_return_std", returns.std(), env_steps)
+        write_atomic(
+            os.path.join(run_path, "eval.csv"),
+            "env_steps,eval_return_mean,eval_return_std\n" + "".join(f"{s},{m:.4f},{d:.4f}\n" for s, m, d in eval_rows),
+        )
+        if args.save_model:
+            save_model(os.path.join(run_path, "model.msgpack"), args, params, obs_stats, decoder)
+        sps = env_steps / train_time if train_time > 0 else 0.0
+        elapsed = time.strftime("%H:%M:%S", time.gmtime(time.time() - start_time))
+        print(f"eval  step {env_steps:>12,} | return {returns.mean():8.2f} +- {returns.std():7.2f} | ", end="")
+        print(f"SPS {sps:9,.0f} | {elapsed}")
+
+    def report_decoder_epoch(stage, epoch, train_loss, validation_loss, improved):
+        step = (stage - 1) * args.decoder_epochs + epoch
+        writer.add_scalar("decoder/train_loss", train_loss, step)
+        writer.add_scalar("decoder/validation_loss", validation_loss, step)
+        print(
+            f"  decoder epoch {epoch:>3}/{args.decoder_epochs} | train loss {train_loss:.5f} | held-out loss "
+            f"{validation_loss:.5f}{' (best)' if improved else ''}"
+        )
+
+    run_evaluation(0, params, obs_stats, decoder)
+    for stage, num_iterations in enumerate(args.stage_iterations):
+        if num_iterations == 0:  # --stage-timesteps 0: evaluation only
+            break
+        record = {"stage": stage}
+        if stage > 0:
+            transition_start = time.time()
+            collect_key, subsample_key, fit_key = jax.random.split(jax.random.fold_in(decoder_key, stage), 3)
+            before = evaluate(state.params["latent_policy"], state.obs_stats, decoder, eval_key, 1.0)
+            print(f"stage {stage}: collecting {args.collection_rollouts} rollouts of the stage-{stage - 1} policy")
+            carry, collected_obs, collected_actions = state.rollout_carry, [], []
+            for i in range(args.collection_rollouts):
+                carry, transitions, _ = collect_rollout(
+                    state.params["latent_policy"], state.obs_stats, decoder, carry, jax.random.fold_in(collect_key, i)
+                )
+                collected_obs.append(transitions.obs.reshape(-1, env.observation_size))
+                collected_actions.append(transitions.action.reshape(-1, env.action_size))
+                carry.steps.block_until_ready()
+                print(f"  collected rollout {i + 1}/{args.collection_rollouts}")
+            num_collected = args.collection_rollouts * steps_per_iteration
+            collection_steps += num_collected
+            keep = jax.random.permutation(subsample_key, num_collected)[: args.decoder_dataset_size]
+            dataset = (jnp.concatenate(collected_obs)[keep], jnp.concatenate(collected_actions)[keep])
+            del collected_obs, collected_actions
+            print(f"stage {stage}: fitting the decoder to {args.decoder_dataset_size:,} (state, action) pairs")
+            fit_start = time.time()
+            decoder, decoder_loss, decoder_epochs = train_decoder(
+                *dataset, fit_key, partial(report_decoder_epoch, stage)
+            )
+            decoder_pairs_per_s = (
+                decoder_epochs * (dataset[0].shape[0] - dataset[0].shape[0] // 10) / (time.time() - fit_start)
+            )
+            del dataset
+            # The encoder restarts at the prior with a fresh optimiser; the critic and the observation statistics
+            # carry over, since the warm-started policy behaves like the one they were fitted to.
+            prior = prior_params(latent_policy, jax.random.fold_in(policy_key, stage), env.observation_size)
+            params = {**state.params, "latent_policy": prior}
+            state = TrainState(params, optimizer.init(params), state.obs_stats, carry, state.key)
+            after = evaluate(state.params["latent_policy"], state.obs_stats, decoder, eval_key, 1.0)
+            transition = {
+                "stochastic_return_before": float(np.mean(before)),
+                "warm_start_return": float(np.mean(after)),
+                "decoder_validation_loss": decoder_loss,
+                "decoder_epochs": decoder_epochs,
+                "decoder_pairs_per_s": decoder_pairs_per_s,
+                "collection_env_steps": num_collected,
+                "transition_time_s": time.time() - transition_start,
+            }
+            record.update(transition)
+            for name, value in transition.items():
+                writer.add_scalar(f"stage/{name}", value, env_steps)
+            writer.add_scalar("stage/dataset_size", args.decoder_dataset_size, env_steps)
+            writer.add_scalar("stage/total_collection_env_steps", collection_steps, env_steps)
+            print(
+                f"stage {stage}: warm start: stochastic return {transition['stochastic_return_before']:.2f} before "
+                f"the restart, {transition['warm_start_return']:.2f} after; decoder held-out loss {decoder_loss:.5f}; "
+                f"transition {transition['transition_time_s']:.1f} s"
+            )
+
+        settings = stage_settings(args, stage)
+        for iteration in range(1, num_iterations + 1):
+            iteration_start = time.time()
+            state, metrics = train_iteration(state, decoder, settings)
+            metrics = jax.device_get(metrics)  # the one host sync of the iteration
+            train_time += time.time() - iteration_start
+            env_steps += steps_per_iteration
+            if not metrics["finite"]:
+                writer.close()
+                sys.exit(
+                    f"error: non-finite loss or parameters at stage {stage} iteration {iteration} (env step "
+                    f"{env_steps:,}); training stopped, the logs and the last saved model in {run_path} are kept"
+                )
+            for name, value in metrics.items():
+                if name not in ("finite", "train_episode_return"):
+                    writer.add_scalar(f"losses/{name}", value, env_steps)
+            if np.isfinite(metrics["train_episode_return"]):
+                writer.add_scalar("charts/episodic_return", metrics["train_episode_return"], env_steps)
+            writer.add_scalar("charts/SPS", steps_per_iteration / (time.time() - iteration_start), env_steps)
+            writer.add_scalar("stage/index", stage, env_steps)
+            print(
+                f"stage {stage} iter {iteration:>4}/{num_iterations} | step {env_steps:>12,} | loss "
+                f"{metrics['loss']:8.4f} | SPS {steps_per_iteration / (time.time() - iteration_start):9,.0f}"
+            )
+            if (
+                iteration == num_iterations
+                or env_steps // args.eval_interval > (env_steps - steps_per_iteration) // args.eval_interval
+            ):
+                run_evaluation(env_steps, state.params, state.obs_stats, decoder)
+        actions = sample_actions(
+            state.params["latent_policy"], state.obs_stats, decoder, histogram_obs, jax.random.fold_in(eval_key, stage)
+        )
+        writer.add_histogram(
+            "stage/action_first_principal_component", first_principal_component(np.asarray(actions)), env_steps
+        )
+        record.update(env_steps=env_steps, final_eval_return=eval_rows[-1][1])
+        stage_records.append(record)
+
+    final_steps, final_mean, final_std = eval_rows[-1]
+    summary = {
+        "env_id": args.env_id,
+        "algo": ALGO,
+        "seed": args.seed,
+        "env_steps": final_steps,
+        "final_eval_return": final_mean,
+        "final_eval_return_std": final_std,
+        "best_eval_return": max(mean for _, mean, _ in eval_rows),
+        "wall_time_s": time.time() - start_time,
+        "compile_time_s": compile_time,
+        "train_sps": final_steps / train_time if train_time > 0 else 0.0,
+        "collection_env_steps": collection_steps,
+        "stages": stage_records,
+    }
+    write_atomic(os.path.join(run_path, "summary.json"), json.dumps(summary, indent=2))
+    writer.close()
+    print(f"final return {final_mean:.2f} +- {final_std:.2f}; results in {run_path}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
