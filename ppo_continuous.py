@@ -458,7 +458,7 @@ def write_atomic(path, text):
 
 
 def save_model(path, args, params, obs_stats):
-    payload = {"algo": ALGO, "env_id": args.env_id, "params": params, "obs_stats": obs_stats._asdict()}
+    payload = {"algo": ALGO, "env_id": args.env_id, "params": params, "obs_stats": obs_stats}
     with open(path + ".tmp", "wb") as f:
         f.write(flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(payload)))
     os.replace(path + ".tmp", path)
@@ -478,7 +478,7 @@ def load_model(path, args, params, obs_stats):
             f"error: --load-model {path} holds a {saved.get('algo')} model for {saved.get('env_id')}, "
             f"not {ALGO} for {args.env_id}"
         )
-    target = {"params": params, "obs_stats": obs_stats._asdict()}
+    target = {"params": params, "obs_stats": obs_stats}
     try:
         restored = flax.serialization.from_state_dict(target, {k: saved[k] for k in target})
         mismatch = jax.tree.leaves(jax.tree.map(lambda a, b: np.shape(a) != np.shape(b), target, restored))
@@ -486,7 +486,7 @@ def load_model(path, args, params, obs_stats):
             raise ValueError("array shapes differ")
     except Exception as e:
         sys.exit(f"error: --load-model {path} does not match the networks of this configuration ({e})")
-    return restored["params"], RunningStats(**restored["obs_stats"])
+    return restored["params"], restored["obs_stats"]
 
 
 def run_metadata():

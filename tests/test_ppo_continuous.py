@@ -6,10 +6,9 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import ppo_continuous as ppo
-from conftest import CPU_ARGS, STEPS_PER_ITERATION, only_run_folder, read_json, run_script
+from conftest import CPU_ARGS, N, only_run_folder, read_json, run_script
 
 jax.config.update("jax_enable_x64", False)
 
@@ -122,21 +121,7 @@ def test_policy_distribution_starts_near_unit_scale():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The script end to end, in the CPU configuration the learning test uses (so they share compiled programs)
-
-SUMMARY_FIELDS = {
-    "env_id",
-    "algo",
-    "seed",
-    "env_steps",
-    "final_eval_return",
-    "final_eval_return_std",
-    "best_eval_return",
-    "wall_time_s",
-    "compile_time_s",
-    "train_sps",
-}
-N = STEPS_PER_ITERATION
+# What only this script checks end to end (the output contract of every script is in test_scripts.py)
 
 
 def test_defaults_follow_the_paper_per_task():
@@ -148,171 +133,11 @@ def test_defaults_follow_the_paper_per_task():
     assert finger.gamma == 0.95
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("runs")
-    result = run_script(
-        "ppo_continuous.py",
-        *CPU_ARGS,
-        "--total-timesteps",
-        2 * N,
-        "--eval-interval",
-        N,
-        "--save-model",
-        "--run-dir",
-        run_dir,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return only_run_folder(run_dir), result.stdout
-
-
-def test_output_contract(trained_run):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    run_path, stdout = trained_run
-    assert os.path.basename(run_path).startswith("CartpoleSwingup__ppo_continuous__1__")
-    config = read_json(os.path.join(run_path, "config.json"))
-    assert {f for f in ppo.Args.__dataclass_fields__} <= set(config)
-    assert config["impl"] == "jax" and config["gamma"] == 0.99 and config["num_iterations"] == 2
-    assert {"jax", "mujoco", "mujoco-mjx", "playground"} <= set(config["versions"]) and config["git_commit"]
-
-    with open(os.path.join(run_path, "eval.csv")) as f:
-        lines = f.read().splitlines()
-    assert lines[0] == "env_steps,eval_return_mean,eval_return_std"
-    rows = [tuple(map(float, line.split(","))) for line in lines[1:]]
-    assert [r[0] for r in rows] == [0, N, 2 * N]
-    assert all(0.0 <= mean <= 1000.0 for _, mean, _ in rows)
-
-    summary = read_json(os.path.join(run_path, "summary.json"))
-    assert set(summary) == SUMMARY_FIELDS
-    assert summary["algo"] == "ppo_continuous" and summary["env_steps"] == 2 * N
-    assert summary["final_eval_return"] == pytest.approx(rows[-1][1], abs=1e-3)
-    assert summary["best_eval_return"] == pytest.approx(max(r[1] for r in rows), abs=1e-3)
-    assert summary["train_sps"] > 0 and summary["compile_time_s"] > 0
-
-    events = EventAccumulator(run_path)
-    events.Reload()
-    tags = set(events.Tags()["scalars"])
-    assert {"eval/episodic_return", "charts/SPS", "losses/policy_loss", "losses/value_loss", "losses/entropy"} <= tags
-    assert [e.step for e in events.Scalars("eval/episodic_return")] == [0, N, 2 * N]
-    assert stdout.count("eval  step") == 3
-    assert not [name for name in os.listdir(run_path) if name.endswith(".tmp")]
-
-
-def test_saved_model_reproduces_its_evaluation(trained_run, tmp_path):
-    run_path, _ = trained_run
-    summary = read_json(os.path.join(run_path, "summary.json"))
-    result = run_script(
-        "ppo_continuous.py",
-        *CPU_ARGS,
-        "--total-timesteps",
-        0,
-        "--load-model",
-        os.path.join(run_path, "model.msgpack"),
-        "--run-dir",
-        tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    reloaded = read_json(os.path.join(only_run_folder(tmp_path), "summary.json"))
-    assert reloaded["env_steps"] == 0
-    assert reloaded["final_eval_return"] == pytest.approx(summary["final_eval_return"], rel=1e-6)
-    assert reloaded["final_eval_return_std"] == pytest.approx(summary["final_eval_return_std"], rel=1e-5, abs=1e-4)
-
-
 def test_warp_physics_runs_the_same_contract(tmp_path):
+    """The rollout, auto-reset included, also runs with MuJoCo Warp, whose state holds leaves without an env axis."""
     result = run_script("ppo_continuous.py", *CPU_ARGS, "--impl", "warp", "--total-timesteps", N, "--run-dir", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run_path = only_run_folder(tmp_path)
     assert read_json(os.path.join(run_path, "config.json"))["impl"] == "warp"
     summary = read_json(os.path.join(run_path, "summary.json"))
     assert summary["env_steps"] == N and 0.0 <= summary["final_eval_return"] <= 1000.0
-
-
-def test_non_finite_update_stops_and_keeps_what_was_written(tmp_path):
-    import flax.serialization
-
-    result = run_script(
-        "ppo_continuous.py",
-        *CPU_ARGS,
-        "--total-timesteps",
-        2 * N,
-        "--learning-rate",
-        1e38,
-        "--save-model",
-        "--run-dir",
-        tmp_path,
-    )
-    assert result.returncode != 0
-    assert "non-finite loss or parameters at iteration 1 " in result.stderr.splitlines()[-1]
-    run_path = only_run_folder(tmp_path)
-    with open(os.path.join(run_path, "eval.csv")) as f:
-        assert [line.split(",")[0] for line in f.read().splitlines()[1:]] == ["0"]
-    with open(os.path.join(run_path, "model.msgpack"), "rb") as f:
-        saved = flax.serialization.msgpack_restore(f.read())
-    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(saved["params"]))
-    assert not os.path.exists(os.path.join(run_path, "summary.json"))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Bad input: one line, a nonzero exit, nothing compiled, nothing written or overwritten
-
-
-@pytest.fixture
-def populated_run_dir(tmp_path):
-    earlier = tmp_path / "CartpoleSwingup__earlier__1__1"
-    earlier.mkdir()
-    (earlier / "summary.json").write_text('{"final_eval_return": 123.0}')
-    return tmp_path
-
-
-def assert_refused(result, run_dir, *fragments):
-    assert result.returncode != 0
-    last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("error: "), result.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in last_line
-    assert "compiling" not in result.stdout
-    assert os.listdir(run_dir) == ["CartpoleSwingup__earlier__1__1"]
-    assert (run_dir / "CartpoleSwingup__earlier__1__1" / "summary.json").read_text() == '{"final_eval_return": 123.0}'
-
-
-@pytest.mark.parametrize(
-    "args, fragments",
-    [
-        (("--env-id", "CheetahRunn"), ("unknown --env-id 'CheetahRunn'", "CheetahRun, FingerSpin")),
-        (("--num-envs", 3), ("must be a multiple of --num-envs (3)",)),
-        (("--total-timesteps", -5), ("--total-timesteps must be >= 0",)),
-        (("--total-timesteps", 1000), ("less than one iteration (983040 env steps",)),
-        (("--batch-size", 0), ("--batch-size must be positive",)),
-        (("--load-model", "/nonexistent/model.msgpack"), ("no such file",)),
-    ],
-)
-def test_bad_arguments_are_refused(populated_run_dir, args, fragments):
-    result = run_script("ppo_continuous.py", *args, "--run-dir", populated_run_dir, timeout=300)
-    assert_refused(result, populated_run_dir, *fragments)
-
-
-def test_corrupt_model_file_is_refused(populated_run_dir, tmp_path_factory):
-    corrupt = tmp_path_factory.mktemp("models") / "model.msgpack"
-    corrupt.write_bytes(b"\x93 certainly not a model")
-    result = run_script(
-        "ppo_continuous.py", *CPU_ARGS, "--load-model", corrupt, "--run-dir", populated_run_dir, timeout=300
-    )
-    assert_refused(result, populated_run_dir, "not a readable model file")
-    assert corrupt.read_bytes() == b"\x93 certainly not a model"
-
-
-def test_model_of_another_task_is_refused(populated_run_dir, trained_run):
-    model = os.path.join(trained_run[0], "model.msgpack")
-    result = run_script(
-        "ppo_continuous.py",
-        *CPU_ARGS,
-        "--env-id",
-        "CartpoleBalance",
-        "--load-model",
-        model,
-        "--run-dir",
-        populated_run_dir,
-        timeout=300,
-    )
-    assert_refused(result, populated_run_dir, "model for CartpoleSwingup, not ppo_continuous for CartpoleBalance")

@@ -1,0 +1,549 @@
+"""The measurements behind benchmark.sh.
+
+    python benchmark.py returns --preset {paper,cpu,smoke} [--algos ...] [--env-ids ...] [--seeds ...] [--out DIR]
+                                [--jobs N] [--dry-run] [--slurm [--submit]]
+    python benchmark.py summarize DIR [--out DIR]
+    python benchmark.py speed [--scripts ...] [--env-ids ...] [--impls ...]
+
+`returns` runs a grid of algorithms x tasks x seeds (skipping runs that already finished, so an interrupted grid
+resumes), locally or as a Slurm job array, then summarises it. `summarize` turns any folder of run folders into
+results.md (the paper's Table 1 layout, the paper's numbers beside ours), results.json and one learning-curve plot per
+task. `speed` reports, for every algorithm script present, task and physics implementation, at 256 envs x 480 steps
+per iteration: the training env steps per second of the script itself (from its summary.json), the env steps per
+second of its jitted rollout alone, and of pure MJX stepping (a jitted scan of vmap(env.step) with random actions,
+same env, impl and batch); so the share of an iteration spent in the rollout and the rollout's overhead over the
+physics. For the GoRL scripts it adds the decoder's training throughput and the time of a whole stage transition.
+"""
+
+import argparse
+import glob
+import importlib
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SCRIPTS = ("ppo_continuous.py", "gorl_ppo_fm.py", "gorl_ppo_diffusion.py", "fpo.py", "dppo.py")
+SPEED_NUM_ENVS, SPEED_ROLLOUT_LENGTH = 256, 480
+# 16 minibatches x 256 sequences x 30 steps = 256 envs x 480 steps; 4 epochs keep a CPU iteration under a minute.
+SPEED_ARGS = (
+    "--num-envs",
+    256,
+    "--num-minibatches",
+    16,
+    "--batch-size",
+    256,
+    "--update-epochs",
+    4,
+    "--num-eval-envs",
+    8,
+)
+SPEED_STEPS = SPEED_NUM_ENVS * SPEED_ROLLOUT_LENGTH
+# GoRL: three one-iteration stages, so the second decoder fit runs on compiled programs.
+GORL_SPEED_ARGS = (
+    "--stage-timesteps",
+    SPEED_STEPS,
+    SPEED_STEPS,
+    SPEED_STEPS,
+    "--decoder-dataset-size",
+    2 * SPEED_STEPS,
+    "--decoder-batch-size",
+    8192,
+    "--decoder-epochs",
+    5,
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# returns: the grid of runs, and its summary
+
+ALGOS = ("ppo_continuous", "fpo", "dppo", "gorl_ppo_diffusion", "gorl_ppo_fm")  # the paper's row order
+ALGO_NAMES = {
+    "ppo_continuous": "PPO",
+    "fpo": "FPO",
+    "dppo": "DPPO",
+    "gorl_ppo_diffusion": "GoRL(Diff)",
+    "gorl_ppo_fm": "GoRL(FM)",
+}
+PAPER_TASKS = ("CheetahRun", "FingerSpin", "FingerTurnHard", "FishSwim", "HopperStand", "WalkerWalk")
+# The paper's Table 1: final return, mean and std over five seeds, after 180M env steps.
+PAPER_TABLE = {
+    "ppo_continuous": (
+        (724.83, 155.67),
+        (539.03, 146.63),
+        (738.70, 114.45),
+        (433.70, 73.63),
+        (286.09, 273.07),
+        (825.65, 79.70),
+    ),
+    "fpo": ((599.15, 297.45), (56.05, 124.53), (752.08, 55.39), (204.66, 191.49), (3.94, 1.79), (29.00, 4.32)),
+    "dppo": ((559.79, 99.97), (694.06, 191.59), (633.84, 88.21), (143.52, 26.25), (2.14, 0.81), (345.59, 64.45)),
+    "gorl_ppo_diffusion": (
+        (902.24, 2.20),
+        (844.74, 59.43),
+        (884.59, 26.95),
+        (608.61, 22.07),
+        (874.63, 38.79),
+        (908.96, 30.45),
+    ),
+    "gorl_ppo_fm": (
+        (883.40, 19.94),
+        (903.92, 104.08),
+        (860.83, 14.93),
+        (641.01, 13.10),
+        (733.66, 223.76),
+        (919.61, 60.86),
+    ),
+}
+
+
+def cpu_budget(algo, iterations, decoder_pairs):
+    """The arguments that give `algo` `iterations` training iterations (GoRL: in stages of 1/2, 1/4, 1/4)."""
+    if algo.startswith("gorl"):
+        stages = (iterations // 2, iterations // 4, iterations - iterations // 2 - iterations // 4)
+        return (
+            "--stage-timesteps",
+            *(n * 32 * 480 for n in stages),
+            "--decoder-dataset-size",
+            decoder_pairs,
+            "--decoder-batch-size",
+            1024,
+            "--decoder-epochs",
+            15,
+        )
+    return ("--total-timesteps", iterations * 32 * 480)
+
+
+# 32 envs, 16 minibatches of 32 sequences of 30 steps (15,360 env steps per iteration), 8 epochs: the CPU
+# configuration of the tests, where every learner leaves the random policy far behind on CartpoleSwingup.
+CPU_SIZES = ("--num-envs", 32, "--num-minibatches", 16, "--batch-size", 32, "--update-epochs", 8)
+PRESETS = {
+    # The paper's protocol: every script's defaults are the paper's configuration (180M steps; GoRL 60/60/30/30M).
+    "paper": {"env_ids": PAPER_TASKS, "seeds": (1, 2, 3, 4, 5), "args": {algo: () for algo in ALGOS}},
+    # The same grid shrunk for a 2-core CPU: 2 seeds, 245,760 env steps per run (16 iterations; GoRL in stages of
+    # 8, 4 and 4 with 100,000 decoder pairs), 16 evaluation episodes every 61,440 steps.
+    "cpu": {
+        "env_ids": PAPER_TASKS,
+        "seeds": (1, 2),
+        "args": {
+            algo: (*CPU_SIZES, "--num-eval-envs", 16, "--eval-interval", 4 * 32 * 480, *cpu_budget(algo, 16, 100_000))
+            for algo in ALGOS
+        },
+    },
+    # One cheap task, one seed, every algorithm: proves the pipeline (the tests' learning runs, so they share it).
+    "smoke": {
+        "env_ids": ("CartpoleSwingup",),
+        "seeds": (1,),
+        "args": {
+            algo: (
+                *CPU_SIZES,
+                "--gamma",
+                0.99,
+                "--num-eval-envs",
+                32,
+                "--eval-interval",
+                5 * 32 * 480,
+                "--save-model",
+                *cpu_budget(algo, 20, 40_000),
+            )
+            for algo in ALGOS
+        },
+    },
+}
+
+
+def grid(preset, algos, env_ids, seeds, out):
+    """[(algo, env_id, seed, command)] for every cell of the grid, each run writing under out/runs."""
+    cells = []
+    for env_id in env_ids:
+        for algo in algos:
+            for seed in seeds:
+                command = [sys.executable, os.path.join(ROOT, f"{algo}.py"), "--env-id", env_id, "--seed", str(seed)]
+                command += [*map(str, PRESETS[preset]["args"][algo]), "--run-dir", os.path.join(out, "runs")]
+                cells.append((algo, env_id, seed, command))
+    return cells
+
+
+def finished(out, algo, env_id, seed):
+    return bool(glob.glob(os.path.join(out, "runs", f"{env_id}__{algo}__{seed}__*", "summary.json")))
+
+
+def slurm_script(out, commands_file, num_tasks, options):
+    lines = [
+        "#!/bin/bash",
+        "#SBATCH --job-name=gorl-benchmark",
+        f"#SBATCH --array=0-{num_tasks - 1}",
+        f"#SBATCH --output={os.path.join(out, 'slurm', '%A_%a.log')}",
+        "#SBATCH --gres=gpu:1",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --time=48:00:00",
+        *(f"#SBATCH {option}" for option in options),
+        "# One run of the grid per array task; when all have finished: python benchmark.py summarize " + out,
+        "set -euo pipefail",
+        f"cd {shlex.quote(ROOT)}",
+        f"export JAX_COMPILATION_CACHE_DIR={shlex.quote(os.path.join(ROOT, '.cache', 'jax'))}",
+        f'eval "$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(commands_file)})"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def returns(args):
+    preset = PRESETS[args.preset]
+    algos = [a for a in (args.algos or ALGOS) if os.path.exists(os.path.join(ROOT, f"{a}.py"))]
+    env_ids, seeds = args.env_ids or preset["env_ids"], args.seeds or preset["seeds"]
+    out = os.path.abspath(args.out or os.path.join(ROOT, "benchmark_results", args.preset))
+    cells = grid(args.preset, algos, env_ids, seeds, out)
+    todo = [cell for cell in cells if not finished(out, *cell[:3])]
+    print(f"{len(cells)} runs in the grid, {len(cells) - len(todo)} already finished, {len(todo)} to run", flush=True)
+    if args.dry_run:
+        for *_, command in todo:
+            print(shlex.join(command))
+        return
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    if args.slurm:
+        os.makedirs(os.path.join(out, "slurm"), exist_ok=True)
+        commands_file = os.path.join(out, "slurm", "commands.txt")
+        with open(commands_file, "w") as f:
+            f.writelines(shlex.join(command) + "\n" for *_, command in todo)
+        sbatch = os.path.join(out, "slurm", "grid.sbatch")
+        with open(sbatch, "w") as f:
+            f.write(slurm_script(out, commands_file, max(len(todo), 1), args.slurm_option))
+        print(f"wrote {sbatch} ({len(todo)} array tasks) and {commands_file}")
+        if args.submit and todo:
+            subprocess.run(["sbatch", sbatch], check=True)
+        return
+    failed = run_locally(todo, out, args.jobs)
+    summarize_folder(out, out, expected=[cell[:3] for cell in cells])
+    if failed:
+        sys.exit(f"error: {len(failed)} runs failed; their logs: " + ", ".join(failed))
+
+
+def run_locally(cells, out, jobs):
+    """Run the commands, `jobs` at a time, each logging to out/logs; returns the logs of the runs that failed."""
+    pending, running, failed = list(cells), [], []
+    while pending or running:
+        while pending and len(running) < jobs:
+            algo, env_id, seed, command = pending.pop(0)
+            log_path = os.path.join(out, "logs", f"{env_id}__{algo}__{seed}.log")
+            log = open(log_path, "w")
+            print(f"start  {algo} on {env_id}, seed {seed} (log: {log_path})", flush=True)
+            running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log, log_path))
+        time.sleep(1.0)
+        for process, log, log_path in [r for r in running if r[0].poll() is not None]:
+            running.remove((process, log, log_path))
+            log.close()
+            print(f"{'done ' if process.returncode == 0 else 'FAILED'} {log_path}", flush=True)
+            if process.returncode != 0:
+                failed.append(log_path)
+    return failed
+
+
+def read_runs(folder):
+    """Every finished run under `folder` (a summary.json beside an eval.csv); the newest per (algo, env, seed)."""
+    runs = {}
+    for summary_path in sorted(glob.glob(os.path.join(folder, "**", "summary.json"), recursive=True)):
+        with open(summary_path) as f:
+            summary = json.load(f)
+        with open(os.path.join(os.path.dirname(summary_path), "eval.csv")) as f:
+            rows = [tuple(map(float, line.split(","))) for line in f.read().splitlines()[1:] if line]
+        run = {**summary, "path": os.path.dirname(summary_path), "curve": rows}
+        cell = (summary["algo"], summary["env_id"], summary["seed"])
+        if cell not in runs or os.path.getmtime(summary_path) > os.path.getmtime(
+            os.path.join(runs[cell]["path"], "summary.json")
+        ):
+            runs[cell] = run
+    return runs
+
+
+def mean_std(values):
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def summarize_folder(folder, out, expected=None):
+    """Write results.md, results.json and curves_{task}.png for the runs under `folder` into `out`."""
+    runs = read_runs(folder)
+    algos = [a for a in ALGOS if any(cell[0] == a for cell in runs)] + sorted({c[0] for c in runs} - set(ALGOS))
+    env_ids = sorted(
+        {cell[1] for cell in runs},
+        key=lambda e: (e not in PAPER_TASKS, PAPER_TASKS.index(e) if e in PAPER_TASKS else e),
+    )
+    seeds = sorted({cell[2] for cell in runs})
+    expected = expected if expected is not None else [(a, e, s) for a in algos for e in env_ids for s in seeds]
+    missing = [cell for cell in expected if tuple(cell) not in runs]
+
+    table = {}
+    for algo in algos:
+        for env_id in env_ids:
+            finals = {s: r["final_eval_return"] for (a, e, s), r in runs.items() if a == algo and e == env_id}
+            if not finals:
+                continue
+            mean, std = mean_std(list(finals.values()))
+            entry = {"mean": mean, "std": std, "n": len(finals), "seeds": sorted(finals)}
+            entry["env_steps"] = sorted({r["env_steps"] for (a, e, _), r in runs.items() if a == algo and e == env_id})
+            if algo in PAPER_TABLE and env_id in PAPER_TASKS:
+                entry["paper_mean"], entry["paper_std"] = PAPER_TABLE[algo][PAPER_TASKS.index(env_id)]
+            table.setdefault(algo, {})[env_id] = entry
+    best = {e: max((table[a][e]["mean"], a) for a in table if e in table[a])[1] for e in env_ids}
+
+    lines = [
+        "# Final evaluation return (mean +- std over seeds; best per task in bold) beside the paper's Table 1",
+        "",
+        "| method | " + " | ".join(env_ids) + " |",
+        "|---|" + "---|" * len(env_ids),
+    ]
+    for algo in algos:
+        cells = []
+        for env_id in env_ids:
+            entry = table.get(algo, {}).get(env_id)
+            if entry is None:
+                cells.append("missing")
+                continue
+            ours = f"{entry['mean']:.1f} +- {entry['std']:.1f}"
+            ours = f"**{ours}**" if best[env_id] == algo else ours
+            paper = f" (paper {entry['paper_mean']:.1f} +- {entry['paper_std']:.1f})" if "paper_mean" in entry else ""
+            cells.append(f"{ours} [n={entry['n']}]{paper}")
+        lines.append(f"| {ALGO_NAMES.get(algo, algo)} | " + " | ".join(cells) + " |")
+    steps = sorted({s for algo in table for entry in table[algo].values() for s in entry["env_steps"]})
+    lines += ["", f"Env steps per run: {', '.join(f'{s:,}' for s in steps)}. Runs read from {folder}."]
+    if missing:
+        lines += ["", f"Missing runs ({len(missing)}): " + "; ".join(f"{a} on {e}, seed {s}" for a, e, s in missing)]
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(
+            {
+                "table": table,
+                "missing": [{"algo": a, "env_id": e, "seed": s} for a, e, s in missing],
+                "runs": [{k: v for k, v in r.items() if k != "curve"} for r in runs.values()],
+            },
+            f,
+            indent=2,
+        )
+    for env_id in env_ids:
+        plot_curves(runs, algos, env_id, os.path.join(out, f"curves_{env_id}.png"))
+    print("\n".join(lines))
+
+
+def plot_curves(runs, algos, env_id, path):
+    """Eval return against env steps for one task: the mean over seeds and a band of one std, per algorithm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for algo in algos:
+        curves = [r["curve"] for (a, e, _), r in runs.items() if a == algo and e == env_id]
+        if not curves:
+            continue
+        steps = sorted(set.intersection(*({row[0] for row in curve} for curve in curves)))
+        by_step = [[dict((row[0], row[1]) for row in curve)[step] for curve in curves] for step in steps]
+        means, stds = zip(*(mean_std(values) for values in by_step), strict=True) if steps else ((), ())
+        line = axes.plot(steps, means, label=f"{ALGO_NAMES.get(algo, algo)} ({len(curves)} seeds)")[0]
+        axes.fill_between(
+            steps,
+            [m - s for m, s in zip(means, stds, strict=True)],
+            [m + s for m, s in zip(means, stds, strict=True)],
+            color=line.get_color(),
+            alpha=0.2,
+        )
+    axes.set(title=env_id, xlabel="env steps", ylabel="eval return")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# speed
+
+
+def timed(fn, *args, warmup=2, repeats=3):
+    """Median wall time of fn(*args) after `warmup` calls (the first compiles)."""
+    import jax
+
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def rollout_alone(module, env, episode_length):
+    """The script's rollout with freshly initialised networks (as its main() builds them), as a function of
+    (carry, key); and the function that makes the first carry."""
+    import jax
+    import jax.numpy as jnp
+
+    key, obs_size, action_size = jax.random.key(0), env.observation_size, env.action_size
+    obs_stats = module.init_running_stats(obs_size)
+    dummy_inputs = (jnp.zeros((1, obs_size)), jnp.zeros((1, action_size)), jnp.zeros((1, 1)))
+    if module.ALGO.startswith("gorl"):
+        latent_policy = module.MLP((32,) * 4 + (2 * action_size,))
+        decoder_network = module.ConditionalField((64,) * 4, action_size)
+        decoder = module.identity_decoder(decoder_network, key, obs_size, action_size)
+        params = module.prior_params(latent_policy, key, obs_size)
+        init, rollout = module.make_rollout(env, latent_policy, decoder_network, SPEED_ROLLOUT_LENGTH, episode_length)
+        return init, lambda carry, key: rollout(params, obs_stats, decoder, carry, key)
+    if module.ALGO == "ppo_continuous":
+        policy = module.MLP((32,) * 4 + (2 * action_size,))
+        params = policy.init(key, dummy_inputs[0])
+    elif module.ALGO == "fpo":
+        policy = module.ConditionalField((32,) * 4, action_size, output_scale=0.25)
+        params = policy.init(key, *dummy_inputs)
+    else:
+        policy = module.ConditionalField((32,) * 4, action_size)
+        params = policy.init(key, *dummy_inputs)
+    init, rollout = module.make_rollout(env, policy, SPEED_ROLLOUT_LENGTH, episode_length)
+    return init, lambda carry, key: rollout(params, obs_stats, carry, key)
+
+
+def measure_stepping(script, env_id, impl):
+    """Env steps per second of the script's rollout alone and of pure stepping, in this process."""
+    import jax
+    from jax import lax
+
+    module = importlib.import_module(script.removesuffix(".py"))
+    env, episode_length = module.make_env(env_id, impl)
+    init, rollout = rollout_alone(module, env, episode_length)
+    carry = jax.jit(init, static_argnums=1)(jax.random.key(1), SPEED_NUM_ENVS)
+
+    @jax.jit
+    def pure_stepping(env_state, key):
+        def step(env_state, key):
+            actions = jax.random.uniform(key, (SPEED_NUM_ENVS, env.action_size), minval=-1.0, maxval=1.0)
+            return jax.vmap(env.step)(env_state, actions), None
+
+        return lax.scan(step, env_state, jax.random.split(key, SPEED_ROLLOUT_LENGTH))[0]
+
+    rollout_time = timed(jax.jit(rollout), carry, jax.random.key(2))
+    stepping_time = timed(pure_stepping, carry.env_state, jax.random.key(3))
+    return {"rollout_sps": SPEED_STEPS / rollout_time, "pure_step_sps": SPEED_STEPS / stepping_time}
+
+
+def measure_training(script, env_id, impl, timeout):
+    """Training env steps per second (and GoRL's stage transitions) of the script run as a user runs it."""
+    is_gorl = script.startswith("gorl")
+    budget = GORL_SPEED_ARGS if is_gorl else ("--total-timesteps", 3 * SPEED_STEPS)
+    with tempfile.TemporaryDirectory() as run_dir:
+        command = [
+            sys.executable,
+            os.path.join(ROOT, script),
+            "--env-id",
+            env_id,
+            "--impl",
+            impl,
+            *map(str, SPEED_ARGS),
+        ]
+        command += [*map(str, budget), "--eval-interval", str(10**12), "--run-dir", run_dir]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+        (run_name,) = os.listdir(run_dir)
+        with open(os.path.join(run_dir, run_name, "summary.json")) as f:
+            summary = json.load(f)
+    measured = {"train_sps": summary["train_sps"]}
+    if is_gorl:
+        last_transition = summary["stages"][-1]  # the second fit: its programs were already compiled
+        measured["decoder_pairs_per_s"] = last_transition["decoder_pairs_per_s"]
+        measured["transition_time_s"] = last_transition["transition_time_s"]
+    return measured
+
+
+def speed(args):
+    scripts = [s for s in args.scripts if os.path.exists(os.path.join(ROOT, s))]
+    rows = []
+    for script in scripts:
+        for env_id in args.env_ids:
+            for impl in args.impls:
+                print(f"measuring {script} on {env_id} ({impl})...", file=sys.stderr, flush=True)
+                command = [sys.executable, __file__, "_stepping", script, env_id, impl]
+                # One process per measurement: MJX-Warp can hang a process that fails, hence the timeout.
+                stepping = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
+                if stepping.returncode != 0:
+                    raise RuntimeError(f"stepping measurement failed:\n{stepping.stderr[-2000:]}")
+                row = {"script": script, "env_id": env_id, "impl": impl, **json.loads(stepping.stdout.splitlines()[-1])}
+                row.update(measure_training(script, env_id, impl, args.timeout))
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+    print(speed_table(rows))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+def speed_table(rows):
+    lines = [
+        f"Env steps per second at {SPEED_NUM_ENVS} envs x {SPEED_ROLLOUT_LENGTH} steps per iteration "
+        f"({' '.join(map(str, SPEED_ARGS))}).",
+        "",
+        "| script | task | impl | training | rollout alone | pure stepping | rollout / pure stepping time "
+        "| rollout share of an iteration | decoder pairs/s | stage transition (s) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        gorl = (
+            (f"{r['decoder_pairs_per_s']:,.0f} | {r['transition_time_s']:.1f}") if "decoder_pairs_per_s" in r else " | "
+        )
+        lines.append(
+            f"| {r['script']} | {r['env_id']} | {r['impl']} | {r['train_sps']:,.0f} | {r['rollout_sps']:,.0f} "
+            f"| {r['pure_step_sps']:,.0f} | {r['pure_step_sps'] / r['rollout_sps']:.2f} "
+            f"| {r['train_sps'] / r['rollout_sps']:.0%} | {gorl} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    returns_parser = commands.add_parser("returns", help="run a grid of algorithms x tasks x seeds, then summarise it")
+    returns_parser.add_argument("--preset", choices=list(PRESETS), required=True)
+    returns_parser.add_argument("--algos", nargs="+", choices=ALGOS, help="default: every algorithm script present")
+    returns_parser.add_argument("--env-ids", nargs="+", help="default: the preset's tasks")
+    returns_parser.add_argument("--seeds", nargs="+", type=int, help="default: the preset's seeds")
+    returns_parser.add_argument("--out", help="default: benchmark_results/PRESET")
+    returns_parser.add_argument("--jobs", type=int, default=1, help="runs at a time on this machine")
+    returns_parser.add_argument("--dry-run", action="store_true", help="print the commands still to run, and stop")
+    returns_parser.add_argument("--slurm", action="store_true", help="write a Slurm job array instead of running")
+    returns_parser.add_argument("--submit", action="store_true", help="with --slurm: submit it with sbatch")
+    returns_parser.add_argument("--slurm-option", action="append", default=[], help="an extra #SBATCH line")
+    summarize_parser = commands.add_parser("summarize", help="results.md, results.json and plots of a folder of runs")
+    summarize_parser.add_argument("folder")
+    summarize_parser.add_argument("--out", help="default: the folder itself")
+    speed_parser = commands.add_parser("speed", help="throughput of every script: training, rollout, pure stepping")
+    speed_parser.add_argument("--scripts", nargs="+", default=list(SCRIPTS))
+    speed_parser.add_argument("--env-ids", nargs="+", default=["CheetahRun", "CartpoleBalance"])
+    speed_parser.add_argument("--impls", nargs="+", default=["jax", "warp"], choices=["jax", "warp"])
+    speed_parser.add_argument("--out", help="also write the measurements to this JSON file")
+    speed_parser.add_argument("--timeout", type=int, default=3600, help="seconds allowed per measurement")
+    stepping_parser = commands.add_parser("_stepping")  # one measurement, in its own process (used by `speed`)
+    stepping_parser.add_argument("script")
+    stepping_parser.add_argument("env_id")
+    stepping_parser.add_argument("impl")
+    args = parser.parse_args(argv)
+    if args.command == "returns":
+        if args.jobs < 1 or (args.submit and not args.slurm):
+            parser.error("--jobs must be positive, and --submit needs --slurm")
+        returns(args)
+    elif args.command == "summarize":
+        summarize_folder(args.folder, args.out or args.folder)
+    elif args.command == "speed":
+        speed(args)
+    else:
+        sys.path.insert(0, ROOT)
+        print(json.dumps(measure_stepping(args.script, args.env_id, args.impl)))
+
+
+if __name__ == "__main__":
+    main()

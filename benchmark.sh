@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The project's benchmarks, one command each (details: python benchmark.py --help, and README.md):
+#   bash benchmark.sh returns --preset {paper,cpu,smoke} [--algos ...] [--env-ids ...] [--seeds ...] [--out DIR]
+#                             [--jobs N] [--dry-run] [--slurm [--submit]]
+#       run the grid of algorithms x tasks x seeds (finished runs are skipped), then write results.md, results.json
+#       and one learning-curve plot per task
+#   bash benchmark.sh summarize DIR            the same summary for any folder of runs
+#   bash benchmark.sh speed [--scripts ...] [--env-ids ...] [--impls jax warp] [--out FILE]
+#       env steps per second of every script: training, rollout alone, pure MJX stepping (256 envs)
+# JAX's persistent compilation cache is on (MJX programs take tens of seconds to compile on a CPU).
+set -euo pipefail
+cd "$(dirname "$0")"
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.cache/jax}"
+export PYTHONUNBUFFERED=1
+exec python benchmark.py "$@"

@@ -1,0 +1,149 @@
+"""benchmark.py (behind benchmark.sh): the summary on fabricated run folders, the grid's commands for every preset and
+for Slurm, resuming, and the smoke preset end to end."""
+
+import json
+import os
+import shlex
+
+import pytest
+from conftest import SCRIPTS, read_json, run_benchmark
+
+import benchmark
+
+
+def fabricate_run(root, algo, env_id, seed, final, curve_steps=(0, 100, 200)):
+    """A run folder as the scripts write it, with a linear learning curve ending at `final`."""
+    path = os.path.join(root, "runs", f"{env_id}__{algo}__{seed}__{1700000000 + seed}")
+    os.makedirs(path)
+    rows = [(step, final * step / curve_steps[-1]) for step in curve_steps]
+    with open(os.path.join(path, "eval.csv"), "w") as f:
+        f.write("env_steps,eval_return_mean,eval_return_std\n" + "".join(f"{s},{m},1.0\n" for s, m in rows))
+    summary = {"env_id": env_id, "algo": algo, "seed": seed, "env_steps": curve_steps[-1], "final_eval_return": final}
+    with open(os.path.join(path, "summary.json"), "w") as f:
+        json.dump({**summary, "final_eval_return_std": 1.0, "best_eval_return": final, "train_sps": 1.0}, f)
+    return path
+
+
+def test_summary_of_fabricated_runs(tmp_path):
+    finals = {
+        ("ppo_continuous", "CheetahRun"): [100.0, 200.0, 300.0],
+        ("gorl_ppo_fm", "CheetahRun"): [500.0, 700.0],  # seed 3 is missing
+        ("ppo_continuous", "HopperStand"): [50.0, 50.0, 50.0],
+        ("gorl_ppo_fm", "HopperStand"): [10.0, 20.0, 30.0],
+    }
+    for (algo, env_id), values in finals.items():
+        for seed, final in enumerate(values, start=1):
+            fabricate_run(tmp_path, algo, env_id, seed, final)
+    benchmark.summarize_folder(str(tmp_path), str(tmp_path / "summary"))
+
+    results = read_json(tmp_path / "summary" / "results.json")
+    ppo_cheetah = results["table"]["ppo_continuous"]["CheetahRun"]
+    assert ppo_cheetah["mean"] == pytest.approx(200.0) and ppo_cheetah["std"] == pytest.approx((20000 / 3) ** 0.5)
+    assert ppo_cheetah["n"] == 3 and ppo_cheetah["seeds"] == [1, 2, 3] and ppo_cheetah["env_steps"] == [200]
+    assert (ppo_cheetah["paper_mean"], ppo_cheetah["paper_std"]) == (724.83, 155.67)
+    gorl_cheetah = results["table"]["gorl_ppo_fm"]["CheetahRun"]
+    assert (gorl_cheetah["mean"], gorl_cheetah["std"], gorl_cheetah["n"]) == (600.0, 100.0, 2)
+    assert results["missing"] == [{"algo": "gorl_ppo_fm", "env_id": "CheetahRun", "seed": 3}]
+    assert len(results["runs"]) == 11
+
+    markdown = (tmp_path / "summary" / "results.md").read_text()
+    table = [line for line in markdown.splitlines() if line.startswith("| ")]
+    assert table[0] == "| method | CheetahRun | HopperStand |"
+    assert table[1].startswith("| PPO | 200.0 +- 81.6 [n=3] (paper 724.8 +- 155.7) | **50.0 +- 0.0** [n=3]")
+    assert table[2].startswith("| GoRL(FM) | **600.0 +- 100.0** [n=2] (paper 883.4 +- 19.9) | 20.0 +- 8.2 [n=3]")
+    assert "Missing runs (1): gorl_ppo_fm on CheetahRun, seed 3" in markdown
+    for env_id in ("CheetahRun", "HopperStand"):
+        assert (tmp_path / "summary" / f"curves_{env_id}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_summary_keeps_the_newest_run_of_a_cell(tmp_path):
+    older = fabricate_run(tmp_path, "fpo", "CheetahRun", 1, 10.0)
+    newer = os.path.join(tmp_path, "runs", "CheetahRun__fpo__1__1800000000")
+    os.makedirs(newer)
+    for name in ("eval.csv", "summary.json"):
+        with open(os.path.join(older, name)) as f:
+            text = f.read().replace("10.0", "90.0")
+        with open(os.path.join(newer, name), "w") as f:
+            f.write(text)
+    os.utime(os.path.join(older, "summary.json"), (1, 1))
+    benchmark.summarize_folder(str(tmp_path), str(tmp_path))
+    assert read_json(tmp_path / "results.json")["table"]["fpo"]["CheetahRun"]["mean"] == 90.0
+
+
+@pytest.mark.parametrize("preset, runs", [("paper", 5 * 6 * 5), ("cpu", 5 * 6 * 2), ("smoke", 5)])
+def test_every_preset_builds_its_grid(preset, runs, tmp_path):
+    cells = benchmark.grid(
+        preset, benchmark.ALGOS, benchmark.PRESETS[preset]["env_ids"], benchmark.PRESETS[preset]["seeds"], str(tmp_path)
+    )
+    assert len(cells) == runs and len({tuple(cell[:3]) for cell in cells}) == runs
+    for algo, env_id, seed, command in cells:
+        assert command[1].endswith(f"{algo}.py")
+        assert command[2:6] == ["--env-id", env_id, "--seed", str(seed)]
+        assert command[-2:] == ["--run-dir", os.path.join(str(tmp_path), "runs")]
+        if preset == "paper":  # the scripts' defaults are the paper's configuration
+            assert len(command) == 8
+        else:
+            assert "--num-envs" in command and ("--stage-timesteps" in command) == algo.startswith("gorl")
+
+
+def test_smoke_preset_runs_the_tests_learning_configuration():
+    from conftest import CPU_ARGS
+
+    for algo in benchmark.ALGOS:
+        arguments = list(map(str, benchmark.PRESETS["smoke"]["args"][algo]))
+        assert ["--env-id", "CartpoleSwingup", *arguments[: len(CPU_ARGS) - 2]] == list(map(str, CPU_ARGS))
+
+
+def test_dry_run_lists_only_unfinished_runs(tmp_path):
+    fabricate_run(tmp_path, "ppo_continuous", "CartpoleSwingup", 1, 100.0)
+    result = run_benchmark("returns", "--preset", "smoke", "--out", tmp_path, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{len(SCRIPTS)} runs in the grid, 1 already finished, {len(SCRIPTS) - 1} to run"
+    commands = [shlex.split(line) for line in lines[1:]]
+    assert sorted(os.path.basename(c[1]) for c in commands) == sorted(s for s in SCRIPTS if s != "ppo_continuous.py")
+    assert not os.path.exists(tmp_path / "logs")
+
+
+def test_slurm_array_has_one_task_per_unfinished_run(tmp_path):
+    fabricate_run(tmp_path, "ppo_continuous", "CheetahRun", 3, 100.0)
+    result = run_benchmark(
+        "returns",
+        "--preset",
+        "paper",
+        "--algos",
+        "ppo_continuous",
+        "fpo",
+        "--env-ids",
+        "CheetahRun",
+        "HopperStand",
+        "--seeds",
+        1,
+        2,
+        3,
+        "--out",
+        tmp_path,
+        "--slurm",
+        "--slurm-option=--partition=gpu",
+    )
+    assert result.returncode == 0, result.stderr
+    commands = (tmp_path / "slurm" / "commands.txt").read_text().splitlines()
+    assert len(commands) == 2 * 2 * 3 - 1
+    assert not any("--env-id CheetahRun --seed 3" in c and "ppo_continuous.py" in c for c in commands)
+    sbatch = (tmp_path / "slurm" / "grid.sbatch").read_text()
+    assert "#SBATCH --array=0-10\n" in sbatch and "#SBATCH --partition=gpu\n" in sbatch
+    assert 'sed -n "$((SLURM_ARRAY_TASK_ID + 1))p"' in sbatch and str(tmp_path / "slurm" / "commands.txt") in sbatch
+
+
+def test_smoke_preset_end_to_end(learning_runs):
+    """Every algorithm's smoke run (made through the same command by the other tests), then the whole preset again:
+    everything has finished, so it only summarises."""
+    for script in SCRIPTS:
+        learning_runs(script)
+    result = run_benchmark("returns", "--preset", "smoke", "--out", learning_runs.out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{len(SCRIPTS)} runs in the grid, {len(SCRIPTS)} already finished, 0 to run" in result.stdout
+    results = read_json(learning_runs.out / "results.json")
+    assert set(results["table"]) == {s.removesuffix(".py") for s in SCRIPTS} and results["missing"] == []
+    assert "CartpoleSwingup" in (learning_runs.out / "results.md").read_text()
+    assert (learning_runs.out / "curves_CartpoleSwingup.png").exists()

@@ -1,0 +1,250 @@
+"""Every algorithm script end to end, run as a user runs it: the output contract and the save/load round trip (on the
+learning run of conftest.py), the stop on a non-finite update, and the refusal of bad input: one line, a nonzero exit,
+nothing compiled, nothing written or overwritten."""
+
+import importlib
+import inspect
+import os
+
+import flax.serialization
+import jax
+import numpy as np
+import pytest
+import tyro
+from conftest import CPU_ARGS, EVAL_INTERVAL, SCRIPTS, SCRIPTS_UNDER_TEST, N, only_run_folder, read_json, run_script
+
+SUMMARY_FIELDS = {
+    "env_id",
+    "algo",
+    "seed",
+    "env_steps",
+    "final_eval_return",
+    "final_eval_return_std",
+    "best_eval_return",
+    "wall_time_s",
+    "compile_time_s",
+    "train_sps",
+}
+EVAL_STEPS = [0, EVAL_INTERVAL, 2 * EVAL_INTERVAL, 3 * EVAL_INTERVAL, 4 * EVAL_INTERVAL]
+
+
+def events_of(run_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(run_path, size_guidance={"histograms": 0, "scalars": 0})
+    events.Reload()
+    return events
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_output_contract(script, learning_runs):
+    run_path, stdout = learning_runs(script)
+    algo = script.removesuffix(".py")
+    assert os.path.basename(run_path).startswith(f"CartpoleSwingup__{algo}__1__")
+    config = read_json(os.path.join(run_path, "config.json"))
+    assert config["env_id"] == "CartpoleSwingup" and config["impl"] == "jax" and config["gamma"] == 0.99
+    assert set(importlib.import_module(algo).Args.__dataclass_fields__) <= set(config)
+    assert {"jax", "jaxlib", "mujoco", "mujoco-mjx", "playground"} <= set(config["versions"]) and config["git_commit"]
+
+    with open(os.path.join(run_path, "eval.csv")) as f:
+        lines = f.read().splitlines()
+    assert lines[0] == "env_steps,eval_return_mean,eval_return_std"
+    rows = [tuple(map(float, line.split(","))) for line in lines[1:]]
+    assert [r[0] for r in rows] == EVAL_STEPS
+    assert all(0.0 <= mean <= 1000.0 and std >= 0.0 for _, mean, std in rows)
+
+    summary = read_json(os.path.join(run_path, "summary.json"))
+    assert SUMMARY_FIELDS <= set(summary)
+    assert summary["algo"] == algo and summary["seed"] == 1 and summary["env_steps"] == EVAL_STEPS[-1]
+    assert summary["final_eval_return"] == pytest.approx(rows[-1][1], abs=1e-3)
+    assert summary["final_eval_return_std"] == pytest.approx(rows[-1][2], abs=1e-3)
+    assert summary["best_eval_return"] == pytest.approx(max(r[1] for r in rows), abs=1e-3)
+    assert summary["train_sps"] > 0 and summary["compile_time_s"] > 0 and summary["wall_time_s"] > 0
+
+    events = events_of(run_path)
+    tags = set(events.Tags()["scalars"])
+    assert {"eval/episodic_return", "charts/SPS", "charts/episodic_return", "losses/policy_loss"} <= tags
+    assert {"losses/value_loss", "losses/approx_kl", "losses/clipfrac", "losses/grad_norm"} <= tags
+    assert [e.step for e in events.Scalars("eval/episodic_return")] == EVAL_STEPS
+    assert [e.value for e in events.Scalars("eval/episodic_return")] == pytest.approx([r[1] for r in rows], abs=1e-3)
+    assert len(events.Scalars("charts/SPS")) == 20
+    assert stdout.count("eval  step") == len(EVAL_STEPS)
+    assert not [name for name in os.listdir(run_path) if name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_saved_model_reproduces_its_evaluation(script, learning_runs, tmp_path):
+    run_path, _ = learning_runs(script)
+    summary = read_json(os.path.join(run_path, "summary.json"))
+    no_training, _ = SCRIPTS_UNDER_TEST[script]
+    model = os.path.join(run_path, "model.msgpack")
+    result = run_script(script, *CPU_ARGS, *no_training, "--load-model", model, "--run-dir", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reloaded = read_json(os.path.join(only_run_folder(tmp_path), "summary.json"))
+    assert reloaded["env_steps"] == 0
+    assert reloaded["final_eval_return"] == pytest.approx(summary["final_eval_return"], rel=1e-6)
+    assert reloaded["final_eval_return_std"] == pytest.approx(summary["final_eval_return_std"], rel=1e-5, abs=1e-4)
+
+
+@pytest.mark.parametrize("script", [script for script in SCRIPTS if script.startswith("gorl")])
+def test_gorl_logs_its_stages(script, learning_runs):
+    run_path, stdout = learning_runs(script)
+    summary = read_json(os.path.join(run_path, "summary.json"))
+    stages = summary["stages"]
+    assert [(s["stage"], s["env_steps"]) for s in stages] == [(0, 10 * N), (1, 15 * N), (2, 20 * N)]
+    collected = 3 * N  # 40,000 pairs take three 15,360-step rollouts
+    assert [s["collection_env_steps"] for s in stages[1:]] == [collected, collected]
+    assert summary["collection_env_steps"] == 2 * collected
+    for stage in stages[1:]:
+        assert (
+            1 <= stage["decoder_epochs"] <= 15 and stage["transition_time_s"] > 0 and stage["decoder_pairs_per_s"] > 0
+        )
+        assert stage["final_eval_return"] >= 0 and np.isfinite(stage["decoder_validation_loss"])
+
+    events = events_of(run_path)
+    tags = set(events.Tags()["scalars"])
+    assert {
+        "stage/index",
+        "stage/warm_start_return",
+        "stage/stochastic_return_before",
+        "stage/decoder_validation_loss",
+        "stage/dataset_size",
+        "stage/total_collection_env_steps",
+        "decoder/train_loss",
+        "decoder/validation_loss",
+        "losses/latent_reg",
+    } <= tags
+    assert [e.step for e in events.Scalars("stage/warm_start_return")] == [10 * N, 15 * N]
+    assert [e.value for e in events.Scalars("stage/index")] == [0] * 10 + [1] * 5 + [2] * 5
+    epochs = [e.step for e in events.Scalars("decoder/validation_loss")]
+    assert epochs == list(range(1, stages[1]["decoder_epochs"] + 1)) + [
+        15 + e for e in range(1, stages[2]["decoder_epochs"] + 1)
+    ]
+    histograms = events.Histograms("stage/action_first_principal_component")
+    assert [h.step for h in histograms] == [10 * N, 15 * N, 20 * N]
+    assert all(h.histogram_value.num == 10_000 for h in histograms)
+    assert "decoder epoch   1/15" in stdout and stdout.count("warm start") == 2
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_non_finite_update_stops_and_keeps_what_was_written(script, learning_runs, tmp_path):
+    """A policy whose parameters are blown up to 1e30 makes the first update non-finite: training stops with a message
+    naming the iteration, and what was written before (logs, the model saved at the step-0 evaluation) stays."""
+    run_path, _ = learning_runs(script)
+    with open(os.path.join(run_path, "model.msgpack"), "rb") as f:
+        saved = flax.serialization.msgpack_restore(f.read())
+    saved["params"] = jax.tree.map(lambda x: x * np.float32(1e30), saved["params"])
+    blown_up = tmp_path / "blown_up.msgpack"
+    blown_up.write_bytes(flax.serialization.msgpack_serialize(saved))
+    budget = ("--stage-timesteps", 2 * N) if script.startswith("gorl") else ("--total-timesteps", 2 * N)
+    run_dir = tmp_path / "runs"
+    result = run_script(script, *CPU_ARGS, *budget, "--load-model", blown_up, "--save-model", "--run-dir", run_dir)
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: non-finite loss or parameters at ") and "iteration 1 " in last_line
+    failed_run = only_run_folder(run_dir)
+    with open(os.path.join(failed_run, "eval.csv")) as f:
+        assert [line.split(",")[0] for line in f.read().splitlines()[1:]] == ["0"]
+    with open(os.path.join(failed_run, "model.msgpack"), "rb") as f:
+        assert flax.serialization.msgpack_restore(f.read())["env_id"] == "CartpoleSwingup"
+    assert not os.path.exists(os.path.join(failed_run, "summary.json"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def refusal(script, *args):
+    """The one-line message with which the script's argument check refuses `args` (in process: nothing to compile)."""
+    module = importlib.import_module(script.removesuffix(".py"))
+    with pytest.raises(SystemExit) as refused:
+        module.check_args(tyro.cli(module.Args, args=list(map(str, args))))
+    message = str(refused.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+COMMON_REFUSALS = [
+    (("--env-id", "CheetahRunn"), "unknown --env-id 'CheetahRunn'; choose one of: AcrobotSwingup, "),
+    (("--num-envs", 3), "must be a multiple of --num-envs (3)"),
+    (("--batch-size", 0), "--batch-size must be positive"),
+    (("--gamma", 1.5), "--gamma must be in (0, 1]"),
+    (("--learning-rate", -1e-3), "must be positive"),
+    (("--load-model", "/nonexistent/model.msgpack"), "no such file"),
+]
+GORL_REFUSALS = [
+    (("--stage-timesteps",), "--stage-timesteps needs one number per stage"),
+    (("--stage-timesteps", 60_000_000, -5), "needs at least one iteration (983040 env steps"),
+    (("--stage-timesteps", 60_000_000, 0), "needs at least one iteration"),
+    (("--decoder-dataset-size", 1000), "--decoder-batch-size 8192 is larger than the decoder's training split (900"),
+    (("--decoder-epochs", 0), "--decoder-epochs must be positive"),
+    (("--latent-reg-coef", -1, 0), "--latent-reg-coef must be >= 0"),
+]
+BUDGET_REFUSALS = [
+    (("--total-timesteps", -5), "--total-timesteps must be >= 0"),
+    (("--total-timesteps", 1000), "less than one iteration (983040 env steps"),
+]
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        (script, *case)
+        for script in SCRIPTS
+        for case in COMMON_REFUSALS + (GORL_REFUSALS if script.startswith("gorl") else BUDGET_REFUSALS)
+    ],
+)
+def test_bad_arguments_are_refused(script, args, message):
+    assert message in refusal(script, *args)
+
+
+@pytest.fixture
+def populated_run_dir(tmp_path):
+    earlier = tmp_path / "CartpoleSwingup__earlier__1__1"
+    earlier.mkdir()
+    (earlier / "summary.json").write_text('{"final_eval_return": 123.0}')
+    return tmp_path
+
+
+def assert_refused(result, run_dir, *fragments):
+    """A nonzero exit whose last line names the problem, before compiling, with the run folder untouched."""
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: "), result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in last_line
+    assert "compiling" not in result.stdout
+    assert os.listdir(run_dir) == ["CartpoleSwingup__earlier__1__1"]
+    assert (run_dir / "CartpoleSwingup__earlier__1__1" / "summary.json").read_text() == '{"final_eval_return": 123.0}'
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_corrupt_model_file_is_refused_before_anything_is_written(script, populated_run_dir, tmp_path_factory):
+    corrupt = tmp_path_factory.mktemp("models") / "model.msgpack"
+    corrupt.write_bytes(b"\x93 certainly not a model")
+    result = run_script(script, *CPU_ARGS, "--load-model", corrupt, "--run-dir", populated_run_dir, timeout=300)
+    assert_refused(result, populated_run_dir, "not a readable model file")
+    assert corrupt.read_bytes() == b"\x93 certainly not a model"
+
+
+def load_refusal(script, model, env_id):
+    """The one-line message with which the script's load_model refuses `model` for `env_id` (in process: the file's
+    algorithm and task are checked before any network is needed)."""
+    module = importlib.import_module(script.removesuffix(".py"))
+    args = tyro.cli(module.Args, args=["--env-id", env_id, "--load-model", model])
+    targets = [None] * (len(inspect.signature(module.load_model).parameters) - 2)
+    with pytest.raises(SystemExit) as refused:
+        module.load_model(model, args, *targets)
+    return str(refused.value.code)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_model_of_another_task_or_algorithm_is_refused(script, learning_runs):
+    algo = script.removesuffix(".py")
+    model = os.path.join(learning_runs(script)[0], "model.msgpack")
+    message = load_refusal(script, model, "CartpoleBalance")
+    assert message.startswith("error: ") and "\n" not in message
+    assert f"holds a {algo} model for CartpoleSwingup, not {algo} for CartpoleBalance" in message
+    other = next(s for s in SCRIPTS if s != script)
+    message = load_refusal(other, model, "CartpoleSwingup")
+    assert f"holds a {algo} model for CartpoleSwingup, not {other.removesuffix('.py')} for CartpoleSwingup" in message
