@@ -49,7 +49,7 @@ def test_behavioural_warm_start(script, learning_runs):
     stage's final stochastic policy (the same evaluation episodes and noise): the property GoRL rests on."""
     run_path, _ = learning_runs(script)
     transitions = [stage for stage in read_json(os.path.join(run_path, "summary.json"))["stages"] if stage["stage"]]
-    assert len(transitions) == 2
+    assert len(transitions) == 3
     for stage in transitions:
         before, after = stage["stochastic_return_before"], stage["warm_start_return"]
         print(f"stage {stage['stage']}: stochastic return {before:.1f} before the restart, {after:.1f} after")

@@ -25,7 +25,7 @@ SUMMARY_FIELDS = {
     "compile_time_s",
     "train_sps",
 }
-EVAL_STEPS = [0, EVAL_INTERVAL, 2 * EVAL_INTERVAL, 3 * EVAL_INTERVAL, 4 * EVAL_INTERVAL]
+EVAL_STEPS = [i * EVAL_INTERVAL for i in range(6)]  # GoRL's stages end on evaluations too: 8, 12, 16, 20 iterations
 
 
 def events_of(run_path):
@@ -91,10 +91,10 @@ def test_gorl_logs_its_stages(script, learning_runs):
     run_path, stdout = learning_runs(script)
     summary = read_json(os.path.join(run_path, "summary.json"))
     stages = summary["stages"]
-    assert [(s["stage"], s["env_steps"]) for s in stages] == [(0, 10 * N), (1, 15 * N), (2, 20 * N)]
+    assert [(s["stage"], s["env_steps"]) for s in stages] == [(0, 8 * N), (1, 12 * N), (2, 16 * N), (3, 20 * N)]
     collected = 3 * N  # 40,000 pairs take three 15,360-step rollouts
-    assert [s["collection_env_steps"] for s in stages[1:]] == [collected, collected]
-    assert summary["collection_env_steps"] == 2 * collected
+    assert [s["collection_env_steps"] for s in stages[1:]] == [collected] * 3
+    assert summary["collection_env_steps"] == 3 * collected
     for stage in stages[1:]:
         assert (
             1 <= stage["decoder_epochs"] <= 15 and stage["transition_time_s"] > 0 and stage["decoder_pairs_per_s"] > 0
@@ -114,16 +114,16 @@ def test_gorl_logs_its_stages(script, learning_runs):
         "decoder/validation_loss",
         "losses/latent_reg",
     } <= tags
-    assert [e.step for e in events.Scalars("stage/warm_start_return")] == [10 * N, 15 * N]
-    assert [e.value for e in events.Scalars("stage/index")] == [0] * 10 + [1] * 5 + [2] * 5
+    assert [e.step for e in events.Scalars("stage/warm_start_return")] == [8 * N, 12 * N, 16 * N]
+    assert [e.value for e in events.Scalars("stage/index")] == [0] * 8 + [1] * 4 + [2] * 4 + [3] * 4
     epochs = [e.step for e in events.Scalars("decoder/validation_loss")]
-    assert epochs == list(range(1, stages[1]["decoder_epochs"] + 1)) + [
-        15 + e for e in range(1, stages[2]["decoder_epochs"] + 1)
+    assert epochs == [
+        15 * fit + e for fit, stage in enumerate(stages[1:]) for e in range(1, stage["decoder_epochs"] + 1)
     ]
     histograms = events.Histograms("stage/action_first_principal_component")
-    assert [h.step for h in histograms] == [10 * N, 15 * N, 20 * N]
+    assert [h.step for h in histograms] == [8 * N, 12 * N, 16 * N, 20 * N]
     assert all(h.histogram_value.num == 10_000 for h in histograms)
-    assert "decoder epoch   1/15" in stdout and stdout.count("warm start") == 2
+    assert "decoder epoch   1/15" in stdout and stdout.count("warm start") == 3
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
