@@ -657,7 +657,8 @@ def main(args):
         iteration_start = time.time()
         state, metrics = train_iteration(state)
         metrics = jax.device_get(metrics)  # the one host sync of the iteration
-        train_time += time.time() - iteration_start
+        iteration_time = time.time() - iteration_start
+        train_time += iteration_time
         env_steps = iteration * steps_per_iteration
         if not metrics["finite"]:
             writer.close()
@@ -670,10 +671,10 @@ def main(args):
                 writer.add_scalar(f"losses/{name}", value, env_steps)
         if np.isfinite(metrics["train_episode_return"]):
             writer.add_scalar("charts/episodic_return", metrics["train_episode_return"], env_steps)
-        writer.add_scalar("charts/SPS", steps_per_iteration / (time.time() - iteration_start), env_steps)
+        writer.add_scalar("charts/SPS", steps_per_iteration / iteration_time, env_steps)
         print(
             f"iter {iteration:>4}/{args.num_iterations} | step {env_steps:>12,} | loss {metrics['loss']:8.4f} | "
-            f"SPS {steps_per_iteration / (time.time() - iteration_start):9,.0f}"
+            f"SPS {steps_per_iteration / iteration_time:9,.0f}"
         )
         if (
             iteration == args.num_iterations

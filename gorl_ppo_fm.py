@@ -899,7 +899,8 @@ def main(args):
             iteration_start = time.time()
             state, metrics = train_iteration(state, decoder, settings)
             metrics = jax.device_get(metrics)  # the one host sync of the iteration
-            train_time += time.time() - iteration_start
+            iteration_time = time.time() - iteration_start
+            train_time += iteration_time
             env_steps += steps_per_iteration
             if not metrics["finite"]:
                 writer.close()
@@ -912,11 +913,11 @@ def main(args):
                     writer.add_scalar(f"losses/{name}", value, env_steps)
             if np.isfinite(metrics["train_episode_return"]):
                 writer.add_scalar("charts/episodic_return", metrics["train_episode_return"], env_steps)
-            writer.add_scalar("charts/SPS", steps_per_iteration / (time.time() - iteration_start), env_steps)
+            writer.add_scalar("charts/SPS", steps_per_iteration / iteration_time, env_steps)
             writer.add_scalar("stage/index", stage, env_steps)
             print(
                 f"stage {stage} iter {iteration:>4}/{num_iterations} | step {env_steps:>12,} | loss "
-                f"{metrics['loss']:8.4f} | SPS {steps_per_iteration / (time.time() - iteration_start):9,.0f}"
+                f"{metrics['loss']:8.4f} | SPS {steps_per_iteration / iteration_time:9,.0f}"
             )
             if (
                 iteration == num_iterations
