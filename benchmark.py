@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -367,18 +366,16 @@ def plot_curves(runs, algos, env_id, path):
 # speed
 
 
-def timed(fn, *args, warmup=2, repeats=3):
-    """Median wall time of fn(*args) after `warmup` calls (the first compiles)."""
+def mean_time(fn, state, next_state, warmup=2, calls=5):
+    """Mean wall time of `calls` calls of fn(state, key), each starting from the state the previous one ended in (so
+    that episodes end, and the envs reset, at their natural rate), after `warmup` calls (the first compiles)."""
     import jax
 
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    for call in range(warmup + calls):
+        if call == warmup:
+            start = time.perf_counter()
+        state = next_state(jax.block_until_ready(fn(state, jax.random.key(call))))
+    return (time.perf_counter() - start) / calls
 
 
 def rollout_alone(module, env, episode_length):
@@ -428,8 +425,8 @@ def measure_stepping(script, env_id, impl):
 
         return lax.scan(step, env_state, jax.random.split(key, SPEED_ROLLOUT_LENGTH))[0]
 
-    rollout_time = timed(jax.jit(rollout), carry, jax.random.key(2))
-    stepping_time = timed(pure_stepping, carry.env_state, jax.random.key(3))
+    rollout_time = mean_time(jax.jit(rollout), carry, lambda outputs: outputs[0])
+    stepping_time = mean_time(pure_stepping, carry.env_state, lambda env_state: env_state)
     return {"rollout_sps": SPEED_STEPS / rollout_time, "pure_step_sps": SPEED_STEPS / stepping_time}
 
 

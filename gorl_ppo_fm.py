@@ -307,8 +307,13 @@ def make_rollout(env, latent_policy, decoder_network, num_steps, episode_length)
         """Step every env `num_steps` times with the stochastic latent policy through the frozen decoder; returns
         time-major (T, B) transitions."""
         reset_key, key = jax.random.split(key)
-        # New start states every iteration, so each episode begins from a fresh random state.
-        reset_state = jax.vmap(env.reset)(jax.random.split(reset_key, carry.steps.shape[0]))
+
+        def reset_done(done, env_state):
+            # Start states drawn anew every iteration, so each episode begins from a fresh random state. They are made
+            # only in the steps where an episode ends (at the time limit, all envs at once): a reset can cost many
+            # physics steps (CheetahRun's settles for 200).
+            reset_state = jax.vmap(env.reset)(jax.random.split(reset_key, done.shape[0]))
+            return reset_where(done, reset_state, env_state)
 
         def step(carry, key):
             obs = carry.env_state.obs
@@ -325,7 +330,7 @@ def make_rollout(env, latent_policy, decoder_network, num_steps, episode_length)
                 obs, latent, gaussian_log_prob(latent, mean, std), action, env_state.reward, termination, truncation
             )
             carry = RolloutCarry(
-                reset_where(done, reset_state, env_state),
+                lax.cond(jnp.any(done), reset_done, lambda done, env_state: env_state, done, env_state),
                 jnp.where(done, 0, steps),
                 jnp.where(done, 0.0, episode_return),
             )
@@ -503,6 +508,11 @@ def flow_matching_loss(decoder_network, params, obs, actions, noise, t):
     return jnp.mean((decoder_network.apply(params, obs, x_t, t) - (noise - actions)) ** 2)
 
 
+def held_out_size(num_pairs):
+    """How many of the decoder's (state, action) pairs are held out to pick its best epoch: one in ten."""
+    return num_pairs // 10
+
+
 def make_decoder_trainer(decoder_network, args):
     optimizer = optax.adam(args.decoder_learning_rate)
 
@@ -543,11 +553,13 @@ def make_decoder_trainer(decoder_network, args):
         return jnp.mean(lax.map(lambda xs: loss_fn(params, *xs), (*batches, jax.random.split(key, num_batches))))
 
     def train_decoder(obs, actions, key, report):
-        """A new decoder fitted to raw observations (N, O) and pre-tanh actions (N, A), 10% of them held out; returns
-        the parameters of the epoch with the best held-out loss, that loss and the number of epochs run."""
+        """A new decoder fitted to raw observations (N, O) and pre-tanh actions (N, A), some held out; returns the
+        parameters of the epoch with the best held-out loss, and that loss, the epochs run and the training pairs per
+        second."""
+        fit_start = time.time()
         split_key, init_key, epoch_key, validation_key = jax.random.split(key, 4)
         permutation = jax.random.permutation(split_key, obs.shape[0])
-        num_validation = obs.shape[0] // 10
+        num_validation = held_out_size(obs.shape[0])
         obs_stats = update_running_stats(init_running_stats(obs.shape[-1]), obs[permutation[num_validation:]])
         obs = normalize(obs_stats, obs)
         train = (obs[permutation[num_validation:]], actions[permutation[num_validation:]])
@@ -564,7 +576,12 @@ def make_decoder_trainer(decoder_network, args):
             report(epoch, float(train_loss), loss, best_epoch == epoch)
             if epoch - best_epoch >= args.decoder_patience:
                 break
-        return Decoder(best_params, obs_stats), best_loss, epoch
+        fit = {
+            "decoder_validation_loss": best_loss,
+            "decoder_epochs": epoch,
+            "decoder_pairs_per_s": epoch * train[0].shape[0] / (time.time() - fit_start),
+        }
+        return Decoder(best_params, obs_stats), fit
 
     return train_decoder
 
@@ -650,10 +667,11 @@ def check_args(args):
         sys.exit("error: --learning-rate, --decoder-learning-rate, --clip-eps and --max-grad-norm must be positive")
     if min(args.latent_reg_coef) < 0:
         sys.exit(f"error: --latent-reg-coef must be >= 0, got {args.latent_reg_coef}")
-    if args.decoder_batch_size > args.decoder_dataset_size - args.decoder_dataset_size // 10:
+    num_decoder_train = args.decoder_dataset_size - held_out_size(args.decoder_dataset_size)
+    if args.decoder_batch_size > num_decoder_train:
         sys.exit(
             f"error: --decoder-batch-size {args.decoder_batch_size} is larger than the decoder's training split "
-            f"({args.decoder_dataset_size - args.decoder_dataset_size // 10} of --decoder-dataset-size)"
+            f"({num_decoder_train} of --decoder-dataset-size)"
         )
     if args.load_model is not None and not os.path.isfile(args.load_model):
         sys.exit(f"error: --load-model {args.load_model}: no such file")
@@ -860,13 +878,7 @@ def main(args):
             dataset = (jnp.concatenate(collected_obs)[keep], jnp.concatenate(collected_actions)[keep])
             del collected_obs, collected_actions
             print(f"stage {stage}: fitting the decoder to {args.decoder_dataset_size:,} (state, action) pairs")
-            fit_start = time.time()
-            decoder, decoder_loss, decoder_epochs = train_decoder(
-                *dataset, fit_key, partial(report_decoder_epoch, stage)
-            )
-            decoder_pairs_per_s = (
-                decoder_epochs * (dataset[0].shape[0] - dataset[0].shape[0] // 10) / (time.time() - fit_start)
-            )
+            decoder, fit = train_decoder(*dataset, fit_key, partial(report_decoder_epoch, stage))
             del dataset
             # The encoder restarts at the prior with a fresh optimiser; the critic and the observation statistics
             # carry over, since the warm-started policy behaves like the one they were fitted to.
@@ -877,9 +889,7 @@ def main(args):
             transition = {
                 "stochastic_return_before": float(np.mean(before)),
                 "warm_start_return": float(np.mean(after)),
-                "decoder_validation_loss": decoder_loss,
-                "decoder_epochs": decoder_epochs,
-                "decoder_pairs_per_s": decoder_pairs_per_s,
+                **fit,
                 "collection_env_steps": num_collected,
                 "transition_time_s": time.time() - transition_start,
             }
@@ -890,8 +900,8 @@ def main(args):
             writer.add_scalar("stage/total_collection_env_steps", collection_steps, env_steps)
             print(
                 f"stage {stage}: warm start: stochastic return {transition['stochastic_return_before']:.2f} before "
-                f"the restart, {transition['warm_start_return']:.2f} after; decoder held-out loss {decoder_loss:.5f}; "
-                f"transition {transition['transition_time_s']:.1f} s"
+                f"the restart, {transition['warm_start_return']:.2f} after; decoder held-out loss "
+                f"{transition['decoder_validation_loss']:.5f}; transition {transition['transition_time_s']:.1f} s"
             )
 
         settings = stage_settings(args, stage)

@@ -217,8 +217,13 @@ def make_rollout(env, policy, num_steps, episode_length):
     def rollout(policy_params, obs_stats, carry, key):
         """Step every env `num_steps` times with the stochastic policy; returns time-major (T, B) transitions."""
         reset_key, key = jax.random.split(key)
-        # New start states every iteration, so each episode begins from a fresh random state.
-        reset_state = jax.vmap(env.reset)(jax.random.split(reset_key, carry.steps.shape[0]))
+
+        def reset_done(done, env_state):
+            # Start states drawn anew every iteration, so each episode begins from a fresh random state. They are made
+            # only in the steps where an episode ends (at the time limit, all envs at once): a reset can cost many
+            # physics steps (CheetahRun's settles for 200).
+            reset_state = jax.vmap(env.reset)(jax.random.split(reset_key, done.shape[0]))
+            return reset_where(done, reset_state, env_state)
 
         def step(carry, key):
             obs = carry.env_state.obs
@@ -234,7 +239,7 @@ def make_rollout(env, policy, num_steps, episode_length):
                 obs, action, gaussian_log_prob(action, mean, std), env_state.reward, termination, truncation
             )
             carry = RolloutCarry(
-                reset_where(done, reset_state, env_state),
+                lax.cond(jnp.any(done), reset_done, lambda done, env_state: env_state, done, env_state),
                 jnp.where(done, 0, steps),
                 jnp.where(done, 0.0, episode_return),
             )

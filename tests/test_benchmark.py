@@ -1,5 +1,5 @@
 """benchmark.py (behind benchmark.sh): the summary on fabricated run folders, the grid's commands for every preset and
-for Slurm, resuming, and the smoke preset end to end."""
+for Slurm, resuming, the smoke preset end to end, and the speed mode's table and its hold on every script's rollout."""
 
 import json
 import os
@@ -147,3 +147,34 @@ def test_smoke_preset_end_to_end(learning_runs):
     assert set(results["table"]) == {s.removesuffix(".py") for s in SCRIPTS} and results["missing"] == []
     assert "CartpoleSwingup" in (learning_runs.out / "results.md").read_text()
     assert (learning_runs.out / "curves_CartpoleSwingup.png").exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_speed_builds_every_scripts_rollout(script):
+    """`benchmark.sh speed` builds each script's rollout from the script's own functions: trace it (no compile) at the
+    speed configuration, so that a change to a script's API fails here rather than an hour into a sweep."""
+    import importlib
+
+    import jax
+
+    module = importlib.import_module(script.removesuffix(".py"))
+    env, episode_length = module.make_env("CartpoleBalance", "jax")
+    init, rollout = benchmark.rollout_alone(module, env, episode_length)
+    carry = jax.eval_shape(lambda key: init(key, benchmark.SPEED_NUM_ENVS), jax.random.key(0))
+    _, transitions, _ = jax.eval_shape(rollout, carry, jax.random.key(1))
+    assert transitions.obs.shape == (benchmark.SPEED_ROLLOUT_LENGTH, benchmark.SPEED_NUM_ENVS, env.observation_size)
+    assert transitions.action.shape == (benchmark.SPEED_ROLLOUT_LENGTH, benchmark.SPEED_NUM_ENVS, env.action_size)
+
+
+def test_speed_table():
+    ppo = {"script": "ppo_continuous.py", "env_id": "CheetahRun", "impl": "jax"}
+    gorl = {"script": "gorl_ppo_fm.py", "env_id": "CheetahRun", "impl": "warp"}
+    rows = [
+        {**ppo, "train_sps": 1200.0, "rollout_sps": 8000.0, "pure_step_sps": 10000.0},
+        {**gorl, "train_sps": 500.0, "rollout_sps": 2000.0, "pure_step_sps": 4000.0},
+    ]
+    rows[1].update(decoder_pairs_per_s=42000.0, transition_time_s=31.3)
+    lines = benchmark.speed_table(rows).splitlines()
+    # rollout / pure stepping time = pure rate / rollout rate; rollout share of an iteration = training / rollout rate
+    assert lines[-2] == "| ppo_continuous.py | CheetahRun | jax | 1,200 | 8,000 | 10,000 | 1.25 | 15% |  |  |"
+    assert lines[-1] == "| gorl_ppo_fm.py | CheetahRun | warp | 500 | 2,000 | 4,000 | 2.00 | 25% | 42,000 | 31.3 |"

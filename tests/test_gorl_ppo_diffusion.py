@@ -72,7 +72,7 @@ def test_decoder_learns_two_modes_a_gaussian_cannot():
     args = gorl.Args(decoder_batch_size=512, decoder_epochs=25, decoder_patience=25, decoder_learning_rate=1e-3)
     network = gorl.ConditionalField((64,) * 4, 1)
     train_decoder = gorl.make_decoder_trainer(network, args)
-    decoder, _, _ = train_decoder(jnp.asarray(obs), jnp.asarray(actions), jax.random.key(0), lambda *_: None)
+    decoder, _ = train_decoder(jnp.asarray(obs), jnp.asarray(actions), jax.random.key(0), lambda *_: None)
     for s0 in (-0.8, 0.0, 0.8):
         state = jnp.tile(jnp.array([[s0, 0.3]], jnp.float32), (4000, 1))
         latent = jax.random.normal(jax.random.key(1), (4000, 1))
