@@ -163,7 +163,7 @@ def test_speed_builds_every_scripts_rollout(script):
     carry = jax.eval_shape(lambda key: init(key, benchmark.SPEED_NUM_ENVS), jax.random.key(0))
     _, transitions, _ = jax.eval_shape(rollout, carry, jax.random.key(1))
     assert transitions.obs.shape == (benchmark.SPEED_ROLLOUT_LENGTH, benchmark.SPEED_NUM_ENVS, env.observation_size)
-    assert transitions.action.shape == (benchmark.SPEED_ROLLOUT_LENGTH, benchmark.SPEED_NUM_ENVS, env.action_size)
+    assert transitions.reward.shape == (benchmark.SPEED_ROLLOUT_LENGTH, benchmark.SPEED_NUM_ENVS)
 
 
 def test_speed_table():

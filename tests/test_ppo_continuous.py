@@ -124,6 +124,40 @@ def test_policy_distribution_starts_near_unit_scale():
 # What only this script checks end to end (the output contract of every script is in test_scripts.py)
 
 
+def test_rollout_truncates_resets_and_carries_episodes_over():
+    """Episodes of 10 steps in 25-step rollouts: the time limit truncates (never terminates) every 10th step, the
+    finished return is the sum of the episode's rewards, the next step starts from a fresh start state drawn for this
+    iteration (not the env's first one), and an episode cut by the end of a rollout goes on in the next."""
+    env, _ = ppo.make_env("CartpoleBalance", "jax")
+    policy = ppo.MLP((32,) * 4 + (2 * env.action_size,))
+    params = policy.init(jax.random.key(0), jnp.zeros((1, env.observation_size)))
+    init, rollout = ppo.make_rollout(env, policy, 25, 10)
+    rollout = jax.jit(rollout)
+    carry = jax.jit(init, static_argnums=1)(jax.random.key(1), 4)
+    stats = ppo.init_running_stats(env.observation_size)
+    key = jax.random.key(2)
+    carry, transitions, finished_returns = rollout(params, stats, carry, key)
+
+    truncation_steps = np.nonzero(np.asarray(transitions.truncation[:, 0]))[0]
+    np.testing.assert_array_equal(truncation_steps, [9, 19])
+    np.testing.assert_array_equal(transitions.truncation, np.repeat(transitions.truncation[:, :1], 4, axis=1))
+    assert not np.any(transitions.termination)
+    rewards, finished = np.asarray(transitions.reward), np.asarray(finished_returns)
+    np.testing.assert_allclose(finished[9], rewards[:10].sum(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(finished[19], rewards[10:20].sum(axis=0), rtol=1e-5)
+    assert np.isnan(np.delete(finished, [9, 19], axis=0)).all()
+
+    reset_key, _ = jax.random.split(key)
+    start_obs = jax.jit(jax.vmap(env.reset))(jax.random.split(reset_key, 4)).obs
+    for first_step in (10, 20):
+        np.testing.assert_allclose(transitions.obs[first_step], start_obs, atol=1e-5)
+    assert not np.allclose(transitions.obs[10], transitions.obs[0])
+    np.testing.assert_array_equal(carry.steps, 5)
+
+    _, transitions, _ = rollout(params, stats, carry, jax.random.key(3))
+    np.testing.assert_array_equal(np.nonzero(np.asarray(transitions.truncation[:, 0]))[0], [4, 14, 24])
+
+
 def test_defaults_follow_the_paper_per_task():
     args = ppo.Args()
     ppo.check_args(args)
