@@ -379,8 +379,9 @@ def mean_time(fn, state, next_state, warmup=2, calls=5):
 
 
 def rollout_alone(module, env, episode_length):
-    """The script's rollout with freshly initialised networks (as its main() builds them), as a function of
-    (carry, key); and the function that makes the first carry."""
+    """The script's rollout, the function that makes its first carry, and freshly initialised network inputs (as its
+    main() builds them) for rollout(*inputs, carry, key). The inputs are arguments, not constants baked into the
+    program, so that XLA cannot fold them (GoRL(Diff)'s stage-0 decoder would skip its whole chain)."""
     import jax
     import jax.numpy as jnp
 
@@ -393,7 +394,7 @@ def rollout_alone(module, env, episode_length):
         decoder = module.identity_decoder(decoder_network, key, obs_size, action_size)
         params = module.prior_params(latent_policy, key, obs_size)
         init, rollout = module.make_rollout(env, latent_policy, decoder_network, SPEED_ROLLOUT_LENGTH, episode_length)
-        return init, lambda carry, key: rollout(params, obs_stats, decoder, carry, key)
+        return init, rollout, (params, obs_stats, decoder)
     if module.ALGO == "ppo_continuous":
         policy = module.MLP((32,) * 4 + (2 * action_size,))
         params = policy.init(key, dummy_inputs[0])
@@ -404,7 +405,7 @@ def rollout_alone(module, env, episode_length):
         policy = module.ConditionalField((32,) * 4, action_size)
         params = policy.init(key, *dummy_inputs)
     init, rollout = module.make_rollout(env, policy, SPEED_ROLLOUT_LENGTH, episode_length)
-    return init, lambda carry, key: rollout(params, obs_stats, carry, key)
+    return init, rollout, (params, obs_stats)
 
 
 def measure_stepping(script, env_id, impl):
@@ -414,7 +415,7 @@ def measure_stepping(script, env_id, impl):
 
     module = importlib.import_module(script.removesuffix(".py"))
     env, episode_length = module.make_env(env_id, impl)
-    init, rollout = rollout_alone(module, env, episode_length)
+    init, rollout, inputs = rollout_alone(module, env, episode_length)
     carry = jax.jit(init, static_argnums=1)(jax.random.key(1), SPEED_NUM_ENVS)
 
     @jax.jit
@@ -425,7 +426,8 @@ def measure_stepping(script, env_id, impl):
 
         return lax.scan(step, env_state, jax.random.split(key, SPEED_ROLLOUT_LENGTH))[0]
 
-    rollout_time = mean_time(jax.jit(rollout), carry, lambda outputs: outputs[0])
+    rollout = jax.jit(rollout)
+    rollout_time = mean_time(lambda carry, key: rollout(*inputs, carry, key), carry, lambda outputs: outputs[0])
     stepping_time = mean_time(pure_stepping, carry.env_state, lambda env_state: env_state)
     return {"rollout_sps": SPEED_STEPS / rollout_time, "pure_step_sps": SPEED_STEPS / stepping_time}
 
