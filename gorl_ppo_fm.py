@@ -297,6 +297,17 @@ def make_rollout(env, latent_policy, decoder_network, num_steps, episode_length)
 
         return jax.tree.map(select, single_state, reset_state, state)
 
+    def auto_reset(done, env_state, key):
+        """Fresh start states for the envs whose episode ended (`done`), so that every episode begins from a new random
+        state. They are made only in the steps where an episode ends (at the time limit, all envs at once): a reset can
+        cost many physics steps (CheetahRun's settles for 200)."""
+
+        def reset(env_state):
+            reset_state = jax.vmap(env.reset)(jax.random.split(key, done.shape[0]))
+            return reset_where(done, reset_state, env_state)
+
+        return lax.cond(jnp.any(done), reset, lambda env_state: env_state, env_state)
+
     def init(key, num_envs):
         env_state = jax.vmap(env.reset)(jax.random.split(key, num_envs))
         # Reset leaves `data.time` weak-typed where env.step makes it strong: cast once so the iteration compiles once.
@@ -306,16 +317,9 @@ def make_rollout(env, latent_policy, decoder_network, num_steps, episode_length)
     def rollout(policy_params, obs_stats, decoder, carry, key):
         """Step every env `num_steps` times with the stochastic latent policy through the frozen decoder; returns
         time-major (T, B) transitions."""
-        reset_key, key = jax.random.split(key)
 
-        def reset_done(done, env_state):
-            # Start states drawn anew every iteration, so each episode begins from a fresh random state. They are made
-            # only in the steps where an episode ends (at the time limit, all envs at once): a reset can cost many
-            # physics steps (CheetahRun's settles for 200).
-            reset_state = jax.vmap(env.reset)(jax.random.split(reset_key, done.shape[0]))
-            return reset_where(done, reset_state, env_state)
-
-        def step(carry, key):
+        def step(carry, keys):
+            key, reset_key = keys
             obs = carry.env_state.obs
             mean, std = policy_distribution(latent_policy.apply(policy_params, normalize(obs_stats, obs)))
             latent = mean + std * jax.random.normal(key, mean.shape)
@@ -330,13 +334,15 @@ def make_rollout(env, latent_policy, decoder_network, num_steps, episode_length)
                 obs, latent, gaussian_log_prob(latent, mean, std), action, env_state.reward, termination, truncation
             )
             carry = RolloutCarry(
-                lax.cond(jnp.any(done), reset_done, lambda done, env_state: env_state, done, env_state),
+                auto_reset(done, env_state, reset_key),
                 jnp.where(done, 0, steps),
                 jnp.where(done, 0.0, episode_return),
             )
             return carry, (transition, jnp.where(done, episode_return, jnp.nan))
 
-        carry, (transitions, finished_returns) = lax.scan(step, carry, jax.random.split(key, num_steps))
+        reset_key, key = jax.random.split(key)
+        keys = (jax.random.split(key, num_steps), jax.random.split(reset_key, num_steps))
+        carry, (transitions, finished_returns) = lax.scan(step, carry, keys)
         return carry, transitions, finished_returns
 
     return init, rollout
@@ -553,9 +559,9 @@ def make_decoder_trainer(decoder_network, args):
         return jnp.mean(lax.map(lambda xs: loss_fn(params, *xs), (*batches, jax.random.split(key, num_batches))))
 
     def train_decoder(obs, actions, key, report):
-        """A new decoder fitted to raw observations (N, O) and pre-tanh actions (N, A), some held out; returns the
-        parameters of the epoch with the best held-out loss, and that loss, the epochs run and the training pairs per
-        second."""
+        """A new decoder fitted to raw observations (N, O) and pre-tanh actions (N, A), `held_out_size` of them held
+        out; returns the parameters of the epoch with the best held-out loss, and that loss, the epochs run and the
+        training pairs per second."""
         fit_start = time.time()
         split_key, init_key, epoch_key, validation_key = jax.random.split(key, 4)
         permutation = jax.random.permutation(split_key, obs.shape[0])

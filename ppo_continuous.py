@@ -208,6 +208,17 @@ def make_rollout(env, policy, num_steps, episode_length):
 
         return jax.tree.map(select, single_state, reset_state, state)
 
+    def auto_reset(done, env_state, key):
+        """Fresh start states for the envs whose episode ended (`done`), so that every episode begins from a new random
+        state. They are made only in the steps where an episode ends (at the time limit, all envs at once): a reset can
+        cost many physics steps (CheetahRun's settles for 200)."""
+
+        def reset(env_state):
+            reset_state = jax.vmap(env.reset)(jax.random.split(key, done.shape[0]))
+            return reset_where(done, reset_state, env_state)
+
+        return lax.cond(jnp.any(done), reset, lambda env_state: env_state, env_state)
+
     def init(key, num_envs):
         env_state = jax.vmap(env.reset)(jax.random.split(key, num_envs))
         # Reset leaves `data.time` weak-typed where env.step makes it strong: cast once so the iteration compiles once.
@@ -216,16 +227,9 @@ def make_rollout(env, policy, num_steps, episode_length):
 
     def rollout(policy_params, obs_stats, carry, key):
         """Step every env `num_steps` times with the stochastic policy; returns time-major (T, B) transitions."""
-        reset_key, key = jax.random.split(key)
 
-        def reset_done(done, env_state):
-            # Start states drawn anew every iteration, so each episode begins from a fresh random state. They are made
-            # only in the steps where an episode ends (at the time limit, all envs at once): a reset can cost many
-            # physics steps (CheetahRun's settles for 200).
-            reset_state = jax.vmap(env.reset)(jax.random.split(reset_key, done.shape[0]))
-            return reset_where(done, reset_state, env_state)
-
-        def step(carry, key):
+        def step(carry, keys):
+            key, reset_key = keys
             obs = carry.env_state.obs
             mean, std = policy_distribution(policy.apply(policy_params, normalize(obs_stats, obs)))
             action = mean + std * jax.random.normal(key, mean.shape)
@@ -239,13 +243,15 @@ def make_rollout(env, policy, num_steps, episode_length):
                 obs, action, gaussian_log_prob(action, mean, std), env_state.reward, termination, truncation
             )
             carry = RolloutCarry(
-                lax.cond(jnp.any(done), reset_done, lambda done, env_state: env_state, done, env_state),
+                auto_reset(done, env_state, reset_key),
                 jnp.where(done, 0, steps),
                 jnp.where(done, 0.0, episode_return),
             )
             return carry, (transition, jnp.where(done, episode_return, jnp.nan))
 
-        carry, (transitions, finished_returns) = lax.scan(step, carry, jax.random.split(key, num_steps))
+        reset_key, key = jax.random.split(key)
+        keys = (jax.random.split(key, num_steps), jax.random.split(reset_key, num_steps))
+        carry, (transitions, finished_returns) = lax.scan(step, carry, keys)
         return carry, transitions, finished_returns
 
     return init, rollout
