@@ -281,19 +281,38 @@ def summarize_folder(folder, out, expected=None):
     table = {}
     for algo in algos:
         for env_id in env_ids:
-            finals = {s: r["final_eval_return"] for (a, e, s), r in runs.items() if a == algo and e == env_id}
-            if not finals:
+            cell_runs = {s: r for (a, e, s), r in runs.items() if a == algo and e == env_id}
+            if not cell_runs:
                 continue
-            mean, std = mean_std(list(finals.values()))
-            entry = {"mean": mean, "std": std, "n": len(finals), "seeds": sorted(finals)}
+            mean, std = mean_std([r["final_eval_return"] for r in cell_runs.values()])
+            entry = {"mean": mean, "std": std, "n": len(cell_runs), "seeds": sorted(cell_runs)}
+            # Runs older than the evaluation modes reported the deterministic policy.
+            entry["eval_mode"] = "/".join(sorted({r.get("eval_mode", "deterministic") for r in cell_runs.values()}))
+            other = [
+                r.get(f"final_{mode}_eval_return")
+                for r in cell_runs.values()
+                for mode in ("deterministic", "stochastic")
+                if mode != r.get("eval_mode", "deterministic")
+            ]
+            if None not in other:
+                entry["other_mode_mean"], entry["other_mode_std"] = mean_std(other)
             entry["env_steps"] = sorted({r["env_steps"] for (a, e, _), r in runs.items() if a == algo and e == env_id})
             if algo in PAPER_TABLE and env_id in PAPER_TASKS:
                 entry["paper_mean"], entry["paper_std"] = PAPER_TABLE[algo][PAPER_TASKS.index(env_id)]
             table.setdefault(algo, {})[env_id] = entry
-    best = {e: max((table[a][e]["mean"], a) for a in table if e in table[a])[1] for e in env_ids}
+    # The best mean per task, bolded only where one algorithm holds it alone.
+    best = {}
+    for env_id in env_ids:
+        means = [(table[a][env_id]["mean"], a) for a in table if env_id in table[a]]
+        top = max(mean for mean, _ in means)
+        winners = [a for mean, a in means if mean == top]
+        best[env_id] = winners[0] if len(winners) == 1 else None
 
     lines = [
         "# Final evaluation return (mean +- std over seeds; best per task in bold) beside the paper's Table 1",
+        "",
+        "Each algorithm in the mode the paper's numbers were made in (in brackets): PPO and GoRL deterministic, FPO and "
+        "DPPO stochastic. results.json holds the other mode's returns too.",
         "",
         "| method | " + " | ".join(env_ids) + " |",
         "|---|" + "---|" * len(env_ids),
@@ -305,11 +324,12 @@ def summarize_folder(folder, out, expected=None):
             if entry is None:
                 cells.append("missing")
                 continue
-            ours = f"{entry['mean']:.1f} +- {entry['std']:.1f}"
+            ours = f"{entry['mean']:.1f} +- {entry['std']:.1f}" if entry["n"] > 1 else f"{entry['mean']:.1f}"
             ours = f"**{ours}**" if best[env_id] == algo else ours
             paper = f" (paper {entry['paper_mean']:.1f} +- {entry['paper_std']:.1f})" if "paper_mean" in entry else ""
             cells.append(f"{ours} [n={entry['n']}]{paper}")
-        lines.append(f"| {ALGO_NAMES.get(algo, algo)} | " + " | ".join(cells) + " |")
+        modes = sorted({entry["eval_mode"] for entry in table.get(algo, {}).values()})
+        lines.append(f"| {ALGO_NAMES.get(algo, algo)} ({', '.join(modes)}) | " + " | ".join(cells) + " |")
     steps = sorted({s for algo in table for entry in table[algo].values() for s in entry["env_steps"]})
     lines += ["", f"Env steps per run: {', '.join(f'{s:,}' for s in steps)}. Runs read from {folder}."]
     if missing:

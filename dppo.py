@@ -1,23 +1,26 @@
 """Diffusion Policy Policy Optimization (DPPO) on MuJoCo Playground's DeepMind Control Suite (MJX): a GoRL baseline.
 
-DPPO (Ren et al., 2024) makes the policy a conditional diffusion model and treats its denoising chain as an inner MDP:
-each of the 10 DDPM steps from N(0, I) noise to the pre-tanh action is a Gaussian, x_{k-1} ~ N(mu_theta(s, x_k, k),
-sigma_k^2), with the posterior standard deviation of a cosine schedule floored at 0.1 (for sampling and
-likelihoods alike, DPPO's minimum). The whole chain is stored, and PPO runs on the denoising steps: one likelihood
-ratio and one clipped surrogate per step, each step sharing its env step's advantage (times an optional denoising
-discount). Settings from DPPO's from-scratch configuration: actor learning rate 1e-4 (critic 1e-3), clip 0.1,
-no entropy term; critic, Brax-form advantages, minibatching and observation statistics are ppo_continuous.py's.
+DPPO (Ren et al., 2024, arXiv 2409.00588) makes the policy a conditional diffusion model and treats its denoising
+chain as an inner MDP: each of the 20 DDPM steps from N(0, I) noise to the pre-tanh action is a Gaussian,
+x_{k-1} ~ N(mu_theta(s, x_k, k), sigma_k^2), with the posterior standard deviation of a cosine schedule floored at 0.1
+(for sampling and likelihoods alike, DPPO's minimum). The whole chain is stored, and PPO runs on the denoising steps:
+one likelihood ratio and one clipped surrogate per step, each step sharing its env step's advantage times a denoising
+discount 0.99^(K - 1 - i) for step i of K (the last step, which makes the action, weighs most). Each element's old and
+new step log-likelihood is clamped to [-5, 2] before the mean over action dimensions, as DPPO's loss does. Settings
+from DPPO's own from-scratch configuration (its gym `ppo_diffusion_mlp` fine-tuning configs without pre-training): 20
+denoising steps, all fine-tuned, denoising discount 0.99, actor learning rate 1e-4 (critic 1e-3), clip 0.1 on every
+step, no entropy term; critic, Brax-form advantages, minibatching and observation statistics are ppo_continuous.py's.
 
     python dppo.py --env-id CheetahRun      # the paper's configuration: 180M steps, made for a GPU
 
-How this differs from DPPO's code and from the GoRL authors' stand-in: like DPPO, the step likelihood is averaged
-over action dimensions in the ratio, noise is clipped to +-3, and the denoised estimate is clipped, here to +-3
-pre-tanh (DPPO clips it to its +-1 action box; tanh(3) = 0.995); unlike DPPO, the clip does not vary across
-denoising steps (DPPO's from-scratch setting keeps it constant too) and all 10 steps are fine-tuned. The GoRL
-authors ran a simplified "denoising MDP" instead: a flow chain with a fixed noise of 0.05 and clip 0.2.
+How this differs from DPPO's code (github.com/irom-lab/dppo): the denoised estimate is clipped to +-3 pre-tanh (DPPO
+clips it to its +-1 action box; tanh(3) = 0.995), and the MLP is the other scripts' (32 x 4, SiLU, 8 time features),
+not DPPO's residual MLP. The GoRL authors ran a simplified "denoising MDP" in its place: a 10-step flow chain with a
+fixed noise of 0.05, no likelihood clamp, no denoising discount, clip 0.2.
 
-Evaluation: the deterministic policy is the chain from zero noise without its per-step noise (the mean path), as
-fpo.py's flow from zero noise; the return of the stochastic policy is also measured at the end of training.
+Evaluation, as the paper's numbers were made: the stochastic policy (the chain as sampled in training); DPPO's own
+"deterministic" mode is measured beside it: x_K is still drawn from N(0, I) and every step but the last still adds
+noise, with the step std floored at 1e-3 instead of 0.1.
 
 Fixed against the authors' code (see README.md): the running observation variance (theirs dropped the old
 variance at every update), fresh random start states for every episode (theirs replayed one start per env), and
@@ -46,8 +49,13 @@ from mujoco_playground import dm_control_suite, registry
 from tensorboardX import SummaryWriter
 
 ALGO = "dppo"
-NUM_DENOISING_STEPS = 10  # K: Gaussian steps from x_K ~ N(0, I) to the pre-tanh action x_0
+# How the paper evaluated this algorithm (its headline: eval.csv's eval_return_mean, summary.json's final_eval_return),
+# then the other mode, measured beside it on the same episodes.
+EVAL_MODES = ("stochastic", "deterministic")
+NUM_DENOISING_STEPS = 20  # K: Gaussian steps from x_K ~ N(0, I) to the pre-tanh action x_0
 MIN_STD = 0.1  # DPPO's floor on every step's standard deviation, for sampling and for likelihoods
+DETERMINISTIC_MIN_STD = 1e-3  # its floor in "deterministic" sampling, whose last step adds no noise
+LOG_PROB_CLIP = (-5.0, 2.0)  # DPPO clamps each element of a step's log-likelihood, old and new, to this range
 NOISE_CLIP = 3.0  # DPPO clips each step's standard-normal draw to +-3
 DENOISED_CLIP = 3.0  # clip of the denoised estimate of x_0 (pre-tanh)
 
@@ -67,7 +75,8 @@ class Args:
     save_model: bool = False
     """save the policy to `model.msgpack` in the run folder (at every evaluation, so a crash keeps the last one)"""
     load_model: Optional[str] = None
-    """start from a `model.msgpack` saved by this script; with `--total-timesteps 0` it is only evaluated"""
+    """start from a `model.msgpack` saved by this script, counting env steps on from the step it was saved at; with
+    `--total-timesteps 0` it is only evaluated (on the episodes its own run evaluated it on)"""
     track: bool = False
     """also log to Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "gorl"
@@ -94,8 +103,8 @@ class Args:
     """lambda of the advantage estimate"""
     clip_eps: float = 0.1
     """PPO's surrogate clipping epsilon, applied to every denoising step's ratio"""
-    denoising_gamma: float = 1.0
-    """the advantage of denoising step i of K is weighted by denoising_gamma^(K - 1 - i) (1: DPPO's from-scratch)"""
+    denoising_gamma: float = 0.99
+    """the advantage of denoising step i of K is weighted by denoising_gamma^(K - 1 - i)"""
     vf_coef: float = 0.25
     """coefficient of the value loss"""
     reward_scaling: float = 10.0
@@ -161,9 +170,9 @@ def cosine_schedule(num_steps, s=0.008):
     return betas, jnp.concatenate([jnp.ones(1), jnp.cumprod(1.0 - betas)])
 
 
-def step_distribution(policy, params, obs, x, level):
+def step_distribution(policy, params, obs, x, level, min_std=MIN_STD):
     """Mean and std of the Gaussian step x_{k-1} | x_k at level k = 1..K: DDPM's posterior around the denoised estimate
-    of x_0, with the std floored at MIN_STD. obs normalised, x (..., A), level broadcastable to (..., 1)."""
+    of x_0, with the std floored at min_std. obs normalised, x (..., A), level broadcastable to (..., 1)."""
     betas, alpha_bars = cosine_schedule(NUM_DENOISING_STEPS)
     beta, alpha_bar, previous_alpha_bar = betas[level - 1], alpha_bars[level], alpha_bars[level - 1]
     predicted_noise = policy.apply(params, obs, x, level / NUM_DENOISING_STEPS)
@@ -173,34 +182,38 @@ def step_distribution(policy, params, obs, x, level):
     mean = (beta * jnp.sqrt(previous_alpha_bar) * x0 + (1.0 - previous_alpha_bar) * jnp.sqrt(1.0 - beta) * x) / (
         1.0 - alpha_bar
     )
-    std = jnp.maximum(jnp.sqrt(beta * (1.0 - previous_alpha_bar) / (1.0 - alpha_bar)), MIN_STD)
+    std = jnp.maximum(jnp.sqrt(beta * (1.0 - previous_alpha_bar) / (1.0 - alpha_bar)), min_std)
     return mean, std
 
 
-def sample_chain(policy, params, obs, key, noise_scale):
-    """The denoising chain x_K, ..., x_0 (..., K + 1, A) from x_K ~ N(0, I); noise_scale 0 gives the mean path from
-    zero. obs (..., O) normalised; x_0 is the pre-tanh action."""
+def sample_chain(policy, params, obs, key, deterministic):
+    """The denoising chain x_K, ..., x_0 (..., K + 1, A) from x_K ~ N(0, I), in DPPO's sampling mode or its
+    "deterministic" one (step std floored at DETERMINISTIC_MIN_STD, none on the last step). obs (..., O) normalised;
+    x_0 is the pre-tanh action."""
 
     def step(x, inputs):
         level, key = inputs
-        mean, std = step_distribution(policy, params, obs, x, level)
-        x = mean + noise_scale * std * jnp.clip(jax.random.normal(key, x.shape), -NOISE_CLIP, NOISE_CLIP)
+        mean, std = step_distribution(
+            policy, params, obs, x, level, jnp.where(deterministic, DETERMINISTIC_MIN_STD, MIN_STD)
+        )
+        std = jnp.where(deterministic & (level == 1), 0.0, std)
+        x = mean + std * jnp.clip(jax.random.normal(key, x.shape), -NOISE_CLIP, NOISE_CLIP)
         return x, x
 
     start_key, key = jax.random.split(key)
-    x = noise_scale * jax.random.normal(start_key, obs.shape[:-1] + (policy.output_size,))
+    x = jax.random.normal(start_key, obs.shape[:-1] + (policy.output_size,))
     levels = jnp.arange(NUM_DENOISING_STEPS, 0, -1)
     _, xs = lax.scan(step, x, (levels, jax.random.split(key, NUM_DENOISING_STEPS)))
     return jnp.concatenate([x[..., None, :], jnp.moveaxis(xs, 0, -2)], axis=-2)
 
 
 def chain_log_probs(policy, params, obs, chain):
-    """Each denoising step's log-likelihood, averaged over action dimensions as DPPO's ratio does: (..., K + 1, A) chain
-    -> (..., K). obs (..., O) normalised."""
+    """Each denoising step's log-likelihood, clamped per element and averaged over action dimensions as DPPO's ratio
+    does: (..., K + 1, A) chain -> (..., K). obs (..., O) normalised."""
     levels = jnp.arange(NUM_DENOISING_STEPS, 0, -1)[:, None]  # (K, 1): the level each step starts from
     obs = jnp.broadcast_to(obs[..., None, :], chain.shape[:-2] + (NUM_DENOISING_STEPS, obs.shape[-1]))
     mean, std = step_distribution(policy, params, obs, chain[..., :-1, :], levels)
-    return jnp.mean(gaussian_log_prob_per_dim(chain[..., 1:, :], mean, std), axis=-1)
+    return jnp.mean(jnp.clip(gaussian_log_prob_per_dim(chain[..., 1:, :], mean, std), *LOG_PROB_CLIP), axis=-1)
 
 
 def gaussian_log_prob_per_dim(x, mean, std):
@@ -301,7 +314,7 @@ def make_rollout(env, policy, num_steps, episode_length):
             key, reset_key = keys
             obs = carry.env_state.obs
             normalized_obs = normalize(obs_stats, obs)
-            chain = sample_chain(policy, policy_params, normalized_obs, key, 1.0)
+            chain = sample_chain(policy, policy_params, normalized_obs, key, False)
             # Likelihoods from the function the loss uses, so that the first ratios are 1.
             log_prob = chain_log_probs(policy, policy_params, normalized_obs, chain)
             env_state = jax.vmap(env.step)(carry.env_state, jnp.tanh(chain[:, -1]))
@@ -462,15 +475,15 @@ def make_train_iteration(rollout, update):
 
 
 def make_evaluate(env, policy, num_eval_envs, episode_length):
-    def evaluate(policy_params, obs_stats, key, noise_scale):
-        """Raw returns in `num_eval_envs` fresh episodes of `episode_length` steps, without auto-reset. noise_scale 0:
-        the deterministic policy, the chain's mean path from zero; 1: the stochastic policy."""
+    def evaluate(policy_params, obs_stats, key, deterministic):
+        """Raw returns in `num_eval_envs` fresh episodes of `episode_length` steps, without auto-reset, of the
+        stochastic policy or of DPPO's "deterministic" mode (see sample_chain)."""
         reset_key, noise_key = jax.random.split(key)
         env_state = jax.vmap(env.reset)(jax.random.split(reset_key, num_eval_envs))
 
         def step(carry, key):
             env_state, alive, returns = carry
-            chain = sample_chain(policy, policy_params, normalize(obs_stats, env_state.obs), key, noise_scale)
+            chain = sample_chain(policy, policy_params, normalize(obs_stats, env_state.obs), key, deterministic)
             env_state = jax.vmap(env.step)(env_state, jnp.tanh(chain[:, -1]))
             returns = returns + jnp.where(alive, env_state.reward, 0.0)
             # An episode the env ends (its physics went NaN) scores nothing more.
@@ -530,15 +543,16 @@ def write_atomic(path, text):
     os.replace(path + ".tmp", path)
 
 
-def save_model(path, args, params, obs_stats):
-    payload = {"algo": ALGO, "env_id": args.env_id, "params": params, "obs_stats": obs_stats}
+def save_model(path, args, env_steps, params, obs_stats):
+    payload = {"algo": ALGO, "env_id": args.env_id, "env_steps": env_steps, "params": params, "obs_stats": obs_stats}
     with open(path + ".tmp", "wb") as f:
         f.write(flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(payload)))
     os.replace(path + ".tmp", path)
 
 
 def load_model(path, args, params, obs_stats):
-    """The (params, obs_stats) saved in `path`, checked against this task's networks; exits with one line if not."""
+    """The (env_steps, params, obs_stats) saved in `path`, checked against this task's networks; exits with one line if
+    not."""
     try:
         with open(path, "rb") as f:
             saved = flax.serialization.msgpack_restore(f.read())
@@ -559,7 +573,7 @@ def load_model(path, args, params, obs_stats):
             raise ValueError("array shapes differ")
     except Exception as e:
         sys.exit(f"error: --load-model {path} does not match the networks of this configuration ({e})")
-    return restored["params"], restored["obs_stats"]
+    return int(saved.get("env_steps", 0)), restored["params"], restored["obs_stats"]
 
 
 def run_metadata():
@@ -593,8 +607,9 @@ def main(args):
         "critic": critic.init(critic_key, dummy_obs),
     }
     obs_stats = init_running_stats(env.observation_size)
+    start_steps = 0
     if args.load_model:
-        params, obs_stats = load_model(args.load_model, args, params, obs_stats)
+        start_steps, params, obs_stats = load_model(args.load_model, args, params, obs_stats)
     optimizer = optax.chain(
         optax.clip_by_global_norm(args.max_grad_norm),
         optax.multi_transform(
@@ -632,7 +647,7 @@ def main(args):
     print(f"{args.env_id} ({args.impl}): {args.num_iterations} iterations x {steps_per_iteration:,} env steps")
     print("compiling...")
     compile_start = time.time()
-    evaluate = jax.jit(evaluate).lower(params["policy"], obs_stats, eval_key, 0.0).compile()
+    evaluate = jax.jit(evaluate).lower(params["policy"], obs_stats, eval_key, True).compile()
     if args.num_iterations > 0:
         state = TrainState(
             params,
@@ -648,29 +663,35 @@ def main(args):
     eval_rows, train_time = [], 0.0
 
     def run_evaluation(env_steps, params, obs_stats):
-        returns = np.asarray(evaluate(params["policy"], obs_stats, eval_key, 0.0))
-        eval_rows.append((env_steps, float(returns.mean()), float(returns.std())))
-        writer.add_scalar("eval/episodic_return", returns.mean(), env_steps)
-        writer.add_scalar("eval/episodic_return_std", returns.std(), env_steps)
+        # New start states at every evaluation, from a key of its env step; both modes on the same ones (paired).
+        key = jax.random.fold_in(eval_key, env_steps)
+        returns = [
+            np.asarray(evaluate(params["policy"], obs_stats, key, mode == "deterministic")) for mode in EVAL_MODES
+        ]
+        eval_rows.append((env_steps, *(float(f(r)) for r in returns for f in (np.mean, np.std))))
+        writer.add_scalar("eval/episodic_return", returns[0].mean(), env_steps)
+        writer.add_scalar("eval/episodic_return_std", returns[0].std(), env_steps)
+        writer.add_scalar(f"eval/{EVAL_MODES[1]}_episodic_return", returns[1].mean(), env_steps)
         write_atomic(
             os.path.join(run_path, "eval.csv"),
-            "env_steps,eval_return_mean,eval_return_std\n" + "".join(f"{s},{m:.4f},{d:.4f}\n" for s, m, d in eval_rows),
+            f"env_steps,eval_return_mean,eval_return_std,{EVAL_MODES[1]}_return_mean,{EVAL_MODES[1]}_return_std\n"
+            + "".join(f"{row[0]}," + ",".join(f"{x:.4f}" for x in row[1:]) + "\n" for row in eval_rows),
         )
         if args.save_model:
-            save_model(os.path.join(run_path, "model.msgpack"), args, params, obs_stats)
-        sps = env_steps / train_time if train_time > 0 else 0.0
+            save_model(os.path.join(run_path, "model.msgpack"), args, env_steps, params, obs_stats)
+        sps = (env_steps - start_steps) / train_time if train_time > 0 else 0.0
         elapsed = time.strftime("%H:%M:%S", time.gmtime(time.time() - start_time))
-        print(f"eval  step {env_steps:>12,} | return {returns.mean():8.2f} +- {returns.std():7.2f} | ", end="")
-        print(f"SPS {sps:9,.0f} | {elapsed}")
+        print(f"eval  step {env_steps:>12,} | return {returns[0].mean():8.2f} +- {returns[0].std():7.2f} | ", end="")
+        print(f"{EVAL_MODES[1]} {returns[1].mean():8.2f} | SPS {sps:9,.0f} | {elapsed}")
 
-    run_evaluation(0, params, obs_stats)
+    run_evaluation(start_steps, params, obs_stats)
     for iteration in range(1, args.num_iterations + 1):
         iteration_start = time.time()
         state, metrics = train_iteration(state)
         metrics = jax.device_get(metrics)  # the one host sync of the iteration
         iteration_time = time.time() - iteration_start
         train_time += iteration_time
-        env_steps = iteration * steps_per_iteration
+        env_steps = start_steps + iteration * steps_per_iteration
         if not metrics["finite"]:
             writer.close()
             sys.exit(
@@ -693,24 +714,21 @@ def main(args):
         ):
             run_evaluation(env_steps, state.params, state.obs_stats)
 
-    final_steps, final_mean, final_std = eval_rows[-1]
-    params, obs_stats = (state.params, state.obs_stats) if args.num_iterations > 0 else (params, obs_stats)
-    stochastic = np.asarray(evaluate(params["policy"], obs_stats, eval_key, 1.0))
-    writer.add_scalar("eval/stochastic_episodic_return", stochastic.mean(), final_steps)
-    print(f"final stochastic return {stochastic.mean():.2f} +- {stochastic.std():.2f}")
+    final_steps, final_mean, final_std, other_mean, other_std = eval_rows[-1]
     summary = {
         "env_id": args.env_id,
         "algo": ALGO,
         "seed": args.seed,
         "env_steps": final_steps,
+        "eval_mode": EVAL_MODES[0],
         "final_eval_return": final_mean,
         "final_eval_return_std": final_std,
-        "best_eval_return": max(mean for _, mean, _ in eval_rows),
+        "best_eval_return": max(row[1] for row in eval_rows),
+        f"final_{EVAL_MODES[1]}_eval_return": other_mean,
+        f"final_{EVAL_MODES[1]}_eval_return_std": other_std,
         "wall_time_s": time.time() - start_time,
         "compile_time_s": compile_time,
-        "train_sps": final_steps / train_time if train_time > 0 else 0.0,
-        "final_stochastic_eval_return": float(stochastic.mean()),
-        "final_stochastic_eval_return_std": float(stochastic.std()),
+        "train_sps": (final_steps - start_steps) / train_time if train_time > 0 else 0.0,
     }
     write_atomic(os.path.join(run_path, "summary.json"), json.dumps(summary, indent=2))
     writer.close()

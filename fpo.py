@@ -4,15 +4,18 @@ FPO (McAllister et al., 2025, "Flow Matching Policy Gradients") makes the policy
 carries N(0, I) noise at t = 1 to the pre-tanh action at t = 0 in 10 Euler steps. Its likelihood is intractable, so
 PPO's ratio is replaced by one per (noise, time) pair drawn at rollout time: exp(loss_old - loss_new) of the
 conditional flow-matching loss at the taken action, whose decrease lower-bounds a rise in the action's likelihood.
-Everything else (critic, Brax-form advantages, minibatching, observation statistics) is ppo_continuous.py's, as in
-the configuration the GoRL paper (Zhang, Wan et al., arXiv 2512.02581) ran: 8 pairs per action on the sampler's time
-grid, the `u_but_supervise_as_eps` loss form, per-pair log-ratios clipped to +-3, surrogate clip 0.05, learning rate
-3e-4, no entropy term.
+Everything else (critic, Brax-form advantages, minibatching, observation statistics) is ppo_continuous.py's.
+
+The default is the configuration the GoRL paper (Zhang, Wan et al., arXiv 2512.02581) ran FPO in, the authors' fork
+of the FPO code: one ratio per (noise, time) pair (8 pairs per action, times on the sampler's grid, log-ratios clipped
+to +-3), the `u_but_supervise_as_eps` loss form, surrogate clip 0.05, learning rate 3e-4, no entropy term.
+`--ratio per_action` is the FPO paper's form instead: one ratio per action, from the pairs' losses averaged before the
+exponential, times drawn from U[0, 1).
 
     python fpo.py --env-id CheetahRun      # the paper's configuration: 180M steps, made for a GPU
 
-Evaluation: the deterministic policy is the flow from zero noise (the noise distribution's mode); the return of the
-stochastic policy (noise drawn from N(0, I)) is also measured at the end of training.
+Evaluation, as the paper's numbers were made: the stochastic policy (noise drawn from N(0, I)); the deterministic one
+(the flow from zero noise, the noise distribution's mode) is measured beside it.
 
 Fixed against the authors' code (see README.md): the running observation variance (theirs dropped the old
 variance at every update), fresh random start states for every episode (theirs replayed one start per env), and
@@ -41,6 +44,9 @@ from mujoco_playground import dm_control_suite, registry
 from tensorboardX import SummaryWriter
 
 ALGO = "fpo"
+# How the paper evaluated this algorithm (its headline: eval.csv's eval_return_mean, summary.json's final_eval_return),
+# then the other mode, measured beside it on the same episodes.
+EVAL_MODES = ("stochastic", "deterministic")
 NUM_FLOW_STEPS = 10  # Euler steps of the policy's flow
 NUM_NOISE_PAIRS = 8  # (noise, time) pairs drawn per action, each with its own ratio
 LOG_RATIO_CLIP = 3.0  # per-pair clip of loss_old - loss_new before the exponential
@@ -61,7 +67,8 @@ class Args:
     save_model: bool = False
     """save the policy to `model.msgpack` in the run folder (at every evaluation, so a crash keeps the last one)"""
     load_model: Optional[str] = None
-    """start from a `model.msgpack` saved by this script; with `--total-timesteps 0` it is only evaluated"""
+    """start from a `model.msgpack` saved by this script, counting env steps on from the step it was saved at; with
+    `--total-timesteps 0` it is only evaluated (on the episodes its own run evaluated it on)"""
     track: bool = False
     """also log to Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "gorl"
@@ -85,7 +92,11 @@ class Args:
     gae_lambda: float = 0.95
     """lambda of the advantage estimate"""
     clip_eps: float = 0.05
-    """PPO's surrogate clipping epsilon, applied to every pair's ratio"""
+    """PPO's surrogate clipping epsilon, applied to every ratio"""
+    ratio: Literal["per_pair", "per_action"] = "per_pair"
+    """`per_pair`: one ratio per (noise, time) pair, times on the sampler's grid, log-ratios clipped to +-3 (the
+    configuration GoRL ran FPO in); `per_action`: the FPO paper's one ratio per action, from its pairs' losses averaged
+    before the exponential, times drawn from U[0, 1)"""
     vf_coef: float = 0.25
     """coefficient of the value loss"""
     reward_scaling: float = 10.0
@@ -171,12 +182,15 @@ def cfm_losses(policy, params, obs, actions, noise, t):
     return jnp.mean((noise - implied_noise) ** 2, axis=-1)
 
 
-def sample_pairs(key, shape):
-    """NUM_NOISE_PAIRS (noise, time) pairs per action of `shape` (..., A), times on the sampler's grid 1.0, ..., 0.1."""
+def sample_pairs(key, shape, times_on_grid):
+    """NUM_NOISE_PAIRS (noise, time) pairs per action of `shape` (..., A), times on the sampler's grid 1.0, ..., 0.1 or
+    drawn from U[0, 1)."""
     noise_key, time_key = jax.random.split(key)
     noise = jax.random.normal(noise_key, shape[:-1] + (NUM_NOISE_PAIRS, shape[-1]))
-    steps = jax.random.randint(time_key, shape[:-1] + (NUM_NOISE_PAIRS, 1), 0, NUM_FLOW_STEPS)
-    return noise, 1.0 - steps / NUM_FLOW_STEPS
+    if times_on_grid:
+        steps = jax.random.randint(time_key, shape[:-1] + (NUM_NOISE_PAIRS, 1), 0, NUM_FLOW_STEPS)
+        return noise, 1.0 - steps / NUM_FLOW_STEPS
+    return noise, jax.random.uniform(time_key, shape[:-1] + (NUM_NOISE_PAIRS, 1))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -239,7 +253,7 @@ class Transition(NamedTuple):
     truncation: jax.Array  # (T, B) 1.0 where the time limit cut it: the step is left out of the losses
 
 
-def make_rollout(env, policy, num_steps, episode_length):
+def make_rollout(env, policy, num_steps, episode_length, times_on_grid=True):
     # MJX-Warp keeps some buffers shared by all envs (no env axis); auto-reset must leave those leaves alone.
     single_state = jax.eval_shape(env.reset, jax.random.key(0))
 
@@ -278,7 +292,7 @@ def make_rollout(env, policy, num_steps, episode_length):
             action_key, pair_key = jax.random.split(key)
             action_noise = jax.random.normal(action_key, (obs.shape[0], policy.output_size))
             action = flow_action(policy, policy_params, normalized_obs, action_noise)
-            noise, t = sample_pairs(pair_key, action.shape)
+            noise, t = sample_pairs(pair_key, action.shape, times_on_grid)
             cfm_loss = cfm_losses(policy, policy_params, normalized_obs, action, noise, t)
             env_state = jax.vmap(env.step)(carry.env_state, jnp.tanh(action))
             steps = carry.steps + 1
@@ -363,12 +377,15 @@ def make_update(policy, critic, optimizer, args):
         )
         advantages = normalize_advantages(advantages, 1.0 - batch.truncation)
 
-        # One ratio per (noise, time) pair, from the change of its flow-matching loss; the advantage is the action's.
+        # FPO's ratio exp(loss_old - loss_new) of the conditional flow-matching loss at the taken action.
         cfm_loss = cfm_losses(policy, params["policy"], obs, batch.action, batch.noise, batch.t)  # (U, N, K)
-        log_ratio = jnp.clip(batch.cfm_loss - cfm_loss, -LOG_RATIO_CLIP, LOG_RATIO_CLIP)
+        if args.ratio == "per_pair":  # one ratio per (noise, time) pair, each with the action's advantage
+            log_ratio = jnp.clip(batch.cfm_loss - cfm_loss, -LOG_RATIO_CLIP, LOG_RATIO_CLIP)  # (U, N, K)
+            advantages = advantages[..., None]
+        else:  # one ratio per action, from the mean of its pairs' losses
+            log_ratio = jnp.mean(batch.cfm_loss, axis=-1) - jnp.mean(cfm_loss, axis=-1)  # (U, N)
         ratio = jnp.exp(log_ratio)
         clipped_ratio = jnp.clip(ratio, 1.0 - args.clip_eps, 1.0 + args.clip_eps)
-        advantages = advantages[..., None]
         policy_loss = -jnp.mean(jnp.minimum(ratio * advantages, clipped_ratio * advantages))
         value_loss = jnp.mean((value_targets - values) ** 2)
         loss = policy_loss + args.vf_coef * value_loss
@@ -440,15 +457,16 @@ def make_train_iteration(rollout, update):
 
 
 def make_evaluate(env, policy, num_eval_envs, episode_length):
-    def evaluate(policy_params, obs_stats, key, noise_scale):
-        """Raw returns in `num_eval_envs` fresh episodes of `episode_length` steps, without auto-reset. noise_scale 0:
-        the deterministic policy, the flow from zero noise; 1: the stochastic one, from noise drawn from N(0, I)."""
+    def evaluate(policy_params, obs_stats, key, deterministic):
+        """Raw returns in `num_eval_envs` fresh episodes of `episode_length` steps, without auto-reset, of the
+        deterministic policy (the flow from zero noise, the noise distribution's mode) or of the stochastic one (from
+        noise drawn from N(0, I))."""
         reset_key, noise_key = jax.random.split(key)
         env_state = jax.vmap(env.reset)(jax.random.split(reset_key, num_eval_envs))
 
         def step(carry, key):
             env_state, alive, returns = carry
-            noise = noise_scale * jax.random.normal(key, (num_eval_envs, policy.output_size))
+            noise = jnp.where(deterministic, 0.0, jax.random.normal(key, (num_eval_envs, policy.output_size)))
             action = flow_action(policy, policy_params, normalize(obs_stats, env_state.obs), noise)
             env_state = jax.vmap(env.step)(env_state, jnp.tanh(action))
             returns = returns + jnp.where(alive, env_state.reward, 0.0)
@@ -509,15 +527,16 @@ def write_atomic(path, text):
     os.replace(path + ".tmp", path)
 
 
-def save_model(path, args, params, obs_stats):
-    payload = {"algo": ALGO, "env_id": args.env_id, "params": params, "obs_stats": obs_stats}
+def save_model(path, args, env_steps, params, obs_stats):
+    payload = {"algo": ALGO, "env_id": args.env_id, "env_steps": env_steps, "params": params, "obs_stats": obs_stats}
     with open(path + ".tmp", "wb") as f:
         f.write(flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(payload)))
     os.replace(path + ".tmp", path)
 
 
 def load_model(path, args, params, obs_stats):
-    """The (params, obs_stats) saved in `path`, checked against this task's networks; exits with one line if not."""
+    """The (env_steps, params, obs_stats) saved in `path`, checked against this task's networks; exits with one line if
+    not."""
     try:
         with open(path, "rb") as f:
             saved = flax.serialization.msgpack_restore(f.read())
@@ -538,7 +557,7 @@ def load_model(path, args, params, obs_stats):
             raise ValueError("array shapes differ")
     except Exception as e:
         sys.exit(f"error: --load-model {path} does not match the networks of this configuration ({e})")
-    return restored["params"], restored["obs_stats"]
+    return int(saved.get("env_steps", 0)), restored["params"], restored["obs_stats"]
 
 
 def run_metadata():
@@ -572,8 +591,9 @@ def main(args):
         "critic": critic.init(critic_key, dummy_obs),
     }
     obs_stats = init_running_stats(env.observation_size)
+    start_steps = 0
     if args.load_model:
-        params, obs_stats = load_model(args.load_model, args, params, obs_stats)
+        start_steps, params, obs_stats = load_model(args.load_model, args, params, obs_stats)
     optimizer = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(args.learning_rate))
 
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -597,7 +617,7 @@ def main(args):
     )
     print(f"run folder: {run_path}")
 
-    init_rollout, rollout = make_rollout(env, policy, args.rollout_length, episode_length)
+    init_rollout, rollout = make_rollout(env, policy, args.rollout_length, episode_length, args.ratio == "per_pair")
     update = make_update(policy, critic, optimizer, args)
     evaluate = make_evaluate(env, policy, args.num_eval_envs, episode_length)
 
@@ -605,7 +625,7 @@ def main(args):
     print(f"{args.env_id} ({args.impl}): {args.num_iterations} iterations x {steps_per_iteration:,} env steps")
     print("compiling...")
     compile_start = time.time()
-    evaluate = jax.jit(evaluate).lower(params["policy"], obs_stats, eval_key, 0.0).compile()
+    evaluate = jax.jit(evaluate).lower(params["policy"], obs_stats, eval_key, True).compile()
     if args.num_iterations > 0:
         state = TrainState(
             params,
@@ -621,29 +641,35 @@ def main(args):
     eval_rows, train_time = [], 0.0
 
     def run_evaluation(env_steps, params, obs_stats):
-        returns = np.asarray(evaluate(params["policy"], obs_stats, eval_key, 0.0))
-        eval_rows.append((env_steps, float(returns.mean()), float(returns.std())))
-        writer.add_scalar("eval/episodic_return", returns.mean(), env_steps)
-        writer.add_scalar("eval/episodic_return_std", returns.std(), env_steps)
+        # New start states at every evaluation, from a key of its env step; both modes on the same ones (paired).
+        key = jax.random.fold_in(eval_key, env_steps)
+        returns = [
+            np.asarray(evaluate(params["policy"], obs_stats, key, mode == "deterministic")) for mode in EVAL_MODES
+        ]
+        eval_rows.append((env_steps, *(float(f(r)) for r in returns for f in (np.mean, np.std))))
+        writer.add_scalar("eval/episodic_return", returns[0].mean(), env_steps)
+        writer.add_scalar("eval/episodic_return_std", returns[0].std(), env_steps)
+        writer.add_scalar(f"eval/{EVAL_MODES[1]}_episodic_return", returns[1].mean(), env_steps)
         write_atomic(
             os.path.join(run_path, "eval.csv"),
-            "env_steps,eval_return_mean,eval_return_std\n" + "".join(f"{s},{m:.4f},{d:.4f}\n" for s, m, d in eval_rows),
+            f"env_steps,eval_return_mean,eval_return_std,{EVAL_MODES[1]}_return_mean,{EVAL_MODES[1]}_return_std\n"
+            + "".join(f"{row[0]}," + ",".join(f"{x:.4f}" for x in row[1:]) + "\n" for row in eval_rows),
         )
         if args.save_model:
-            save_model(os.path.join(run_path, "model.msgpack"), args, params, obs_stats)
-        sps = env_steps / train_time if train_time > 0 else 0.0
+            save_model(os.path.join(run_path, "model.msgpack"), args, env_steps, params, obs_stats)
+        sps = (env_steps - start_steps) / train_time if train_time > 0 else 0.0
         elapsed = time.strftime("%H:%M:%S", time.gmtime(time.time() - start_time))
-        print(f"eval  step {env_steps:>12,} | return {returns.mean():8.2f} +- {returns.std():7.2f} | ", end="")
-        print(f"SPS {sps:9,.0f} | {elapsed}")
+        print(f"eval  step {env_steps:>12,} | return {returns[0].mean():8.2f} +- {returns[0].std():7.2f} | ", end="")
+        print(f"{EVAL_MODES[1]} {returns[1].mean():8.2f} | SPS {sps:9,.0f} | {elapsed}")
 
-    run_evaluation(0, params, obs_stats)
+    run_evaluation(start_steps, params, obs_stats)
     for iteration in range(1, args.num_iterations + 1):
         iteration_start = time.time()
         state, metrics = train_iteration(state)
         metrics = jax.device_get(metrics)  # the one host sync of the iteration
         iteration_time = time.time() - iteration_start
         train_time += iteration_time
-        env_steps = iteration * steps_per_iteration
+        env_steps = start_steps + iteration * steps_per_iteration
         if not metrics["finite"]:
             writer.close()
             sys.exit(
@@ -666,24 +692,21 @@ def main(args):
         ):
             run_evaluation(env_steps, state.params, state.obs_stats)
 
-    final_steps, final_mean, final_std = eval_rows[-1]
-    params, obs_stats = (state.params, state.obs_stats) if args.num_iterations > 0 else (params, obs_stats)
-    stochastic = np.asarray(evaluate(params["policy"], obs_stats, eval_key, 1.0))
-    writer.add_scalar("eval/stochastic_episodic_return", stochastic.mean(), final_steps)
-    print(f"final stochastic return {stochastic.mean():.2f} +- {stochastic.std():.2f}")
+    final_steps, final_mean, final_std, other_mean, other_std = eval_rows[-1]
     summary = {
         "env_id": args.env_id,
         "algo": ALGO,
         "seed": args.seed,
         "env_steps": final_steps,
+        "eval_mode": EVAL_MODES[0],
         "final_eval_return": final_mean,
         "final_eval_return_std": final_std,
-        "best_eval_return": max(mean for _, mean, _ in eval_rows),
+        "best_eval_return": max(row[1] for row in eval_rows),
+        f"final_{EVAL_MODES[1]}_eval_return": other_mean,
+        f"final_{EVAL_MODES[1]}_eval_return_std": other_std,
         "wall_time_s": time.time() - start_time,
         "compile_time_s": compile_time,
-        "train_sps": final_steps / train_time if train_time > 0 else 0.0,
-        "final_stochastic_eval_return": float(stochastic.mean()),
-        "final_stochastic_eval_return_std": float(stochastic.std()),
+        "train_sps": (final_steps - start_steps) / train_time if train_time > 0 else 0.0,
     }
     write_atomic(os.path.join(run_path, "summary.json"), json.dumps(summary, indent=2))
     writer.close()

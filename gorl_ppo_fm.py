@@ -38,8 +38,13 @@ from mujoco_playground import dm_control_suite, registry
 from tensorboardX import SummaryWriter
 
 ALGO = "gorl_ppo_fm"
+# How the paper evaluated this algorithm (its headline: eval.csv's eval_return_mean, summary.json's final_eval_return),
+# then the other mode, measured beside it on the same episodes.
+EVAL_MODES = ("deterministic", "stochastic")
 # Per-task discounts of the paper's configuration (Playground's published Brax PPO settings); others use 0.995.
 TASK_GAMMA = {"BallInCup": 0.95, "FingerSpin": 0.95}
+# Per-task latent regulariser coefficients (stage 0, later stages) of the authors' runs; others use (5e-4, 1e-3).
+TASK_LATENT_REG_COEF = {"BallInCup": (0.0, 1e-3)}
 NUM_FLOW_STEPS = 10  # Euler steps of the decoder's flow
 NUM_NOISE_PAIRS = 8  # (noise, time) pairs drawn per (state, action) in the decoder's loss
 NUM_HISTOGRAM_ACTIONS = 10_000  # actions sampled at one fixed state at the end of each stage (the paper's Figure 7)
@@ -60,7 +65,8 @@ class Args:
     save_model: bool = False
     """save encoder, critic and decoder to `model.msgpack` in the run folder (at every evaluation)"""
     load_model: Optional[str] = None
-    """start from a `model.msgpack` saved by this script; with `--stage-timesteps 0` it is only evaluated"""
+    """start from a `model.msgpack` saved by this script, counting env steps on from the step it was saved at; with
+    `--stage-timesteps 0` it is only evaluated (on the episodes its own run evaluated it on)"""
     track: bool = False
     """also log to Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "gorl"
@@ -105,8 +111,12 @@ class Args:
     latent_reg: Literal["l2", "kl"] = "l2"
     """pull of the encoder toward the N(0, I) prior: `l2` = mean(mu^2) + mean(sigma^2) (the authors' code, which the
     paper's numbers came from), `kl` = KL(pi(z | s) || N(0, I)) summed over latent dimensions (the paper's text)"""
-    latent_reg_coef: tuple[float, float] = (5e-4, 1e-3)
-    """coefficient of the latent regulariser in stage 0 and in later stages"""
+    latent_reg_coef: Optional[tuple[float, float]] = None
+    """coefficient of the latent regulariser in stage 0 and in later stages; default per task: 5e-4 and 1e-3, 0 and 1e-3
+    on BallInCup"""
+    decoder_data_policy: Literal["best", "final"] = "best"
+    """the encoder whose (state, action) pairs the next decoder is fitted to: the stage's best by deterministic
+    evaluation (ties to the later; the authors' choice, behind the paper's numbers) or its final one"""
     decoder_dataset_size: int = 10_000_000
     """(state, action) pairs collected after each stage but the last to fit the next decoder (10% held out)"""
     decoder_batch_size: int = 8192
@@ -438,6 +448,7 @@ def make_update(latent_policy, critic, optimizer, args):
             "value_loss": value_loss,
             "entropy": entropy,
             "latent_reg": latent_reg,
+            "latent_kl": latent_regularizer(mean, std, "kl"),  # how far the encoder has moved from the prior
             "approx_kl": jnp.mean((ratio - 1.0) - log_ratio),
             "clipfrac": jnp.mean(jnp.abs(ratio - 1.0) > settings.clip_eps),
         }
@@ -512,6 +523,26 @@ def flow_matching_loss(decoder_network, params, obs, actions, noise, t):
     x_t = t * noise + (1.0 - t) * actions
     obs = jnp.broadcast_to(obs, x_t.shape[:-1] + obs.shape[-1:])
     return jnp.mean((decoder_network.apply(params, obs, x_t, t) - (noise - actions)) ** 2)
+
+
+def collect_decoder_data(
+    collect_rollout, policy_params, obs_stats, decoder, carry, key, num_rollouts, num_pairs, report
+):
+    """`num_pairs` (raw observation, pre-tanh action) pairs of the stochastic policy, each action with the observation
+    it was taken in, drawn without replacement from `num_rollouts` rollouts that continue the episodes of `carry`.
+    Returns the pairs ((N, O), (N, A)) and the carry after the rollouts."""
+    rollout_key, subsample_key = jax.random.split(key)
+    collected = []
+    for i in range(num_rollouts):
+        carry, transitions, _ = collect_rollout(
+            policy_params, obs_stats, decoder, carry, jax.random.fold_in(rollout_key, i)
+        )
+        collected.append((transitions.obs, transitions.action))
+        carry.steps.block_until_ready()
+        report(i + 1)
+    obs, actions = (jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in xs]) for xs in zip(*collected))
+    keep = jax.random.permutation(subsample_key, obs.shape[0])[:num_pairs]
+    return (obs[keep], actions[keep]), carry
 
 
 def held_out_size(num_pairs):
@@ -597,16 +628,16 @@ def make_decoder_trainer(decoder_network, args):
 
 
 def make_evaluate(env, latent_policy, decoder_network, num_eval_envs, episode_length):
-    def evaluate(policy_params, obs_stats, decoder, key, noise_scale):
-        """Raw returns in `num_eval_envs` fresh episodes of `episode_length` steps, without auto-reset. noise_scale 0:
-        the deterministic policy, the latent policy's mean through the decoder; 1: the stochastic policy."""
+    def evaluate(policy_params, obs_stats, decoder, key, deterministic):
+        """Raw returns in `num_eval_envs` fresh episodes of `episode_length` steps, without auto-reset, of the
+        deterministic policy (the latent policy's mean through the decoder) or of the stochastic one."""
         reset_key, latent_key = jax.random.split(key)
         env_state = jax.vmap(env.reset)(jax.random.split(reset_key, num_eval_envs))
 
         def step(carry, key):
             env_state, alive, returns = carry
             mean, std = policy_distribution(latent_policy.apply(policy_params, normalize(obs_stats, env_state.obs)))
-            latent = mean + noise_scale * std * jax.random.normal(key, mean.shape)
+            latent = jnp.where(deterministic, mean, mean + std * jax.random.normal(key, mean.shape))
             action = decode(decoder_network, decoder, env_state.obs, latent)
             env_state = jax.vmap(env.step)(env_state, jnp.tanh(action))
             returns = returns + jnp.where(alive, env_state.reward, 0.0)
@@ -671,7 +702,7 @@ def check_args(args):
         sys.exit(f"error: --gamma must be in (0, 1], got {args.gamma}")
     if args.learning_rate <= 0 or args.decoder_learning_rate <= 0 or min(args.clip_eps + args.max_grad_norm) <= 0:
         sys.exit("error: --learning-rate, --decoder-learning-rate, --clip-eps and --max-grad-norm must be positive")
-    if min(args.latent_reg_coef) < 0:
+    if args.latent_reg_coef is not None and min(args.latent_reg_coef) < 0:
         sys.exit(f"error: --latent-reg-coef must be >= 0, got {args.latent_reg_coef}")
     num_decoder_train = args.decoder_dataset_size - held_out_size(args.decoder_dataset_size)
     if args.decoder_batch_size > num_decoder_train:
@@ -695,6 +726,8 @@ def check_args(args):
     args.collection_rollouts = -(-args.decoder_dataset_size // steps_per_iteration)
     if args.gamma is None:
         args.gamma = TASK_GAMMA.get(args.env_id, 0.995)
+    if args.latent_reg_coef is None:
+        args.latent_reg_coef = TASK_LATENT_REG_COEF.get(args.env_id, (5e-4, 1e-3))
 
 
 def write_atomic(path, text):
@@ -703,16 +736,23 @@ def write_atomic(path, text):
     os.replace(path + ".tmp", path)
 
 
-def save_model(path, args, params, obs_stats, decoder):
-    payload = {"algo": ALGO, "env_id": args.env_id, "params": params, "obs_stats": obs_stats, "decoder": decoder}
+def save_model(path, args, env_steps, params, obs_stats, decoder):
+    payload = {
+        "algo": ALGO,
+        "env_id": args.env_id,
+        "env_steps": env_steps,
+        "params": params,
+        "obs_stats": obs_stats,
+        "decoder": decoder,
+    }
     with open(path + ".tmp", "wb") as f:
         f.write(flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(payload)))
     os.replace(path + ".tmp", path)
 
 
 def load_model(path, args, params, obs_stats, decoder):
-    """The (params, obs_stats, decoder) saved in `path`, checked against this task's networks; exits with one line
-    if not."""
+    """The (env_steps, params, obs_stats, decoder) saved in `path`, checked against this task's networks; exits with
+    one line if not."""
     try:
         with open(path, "rb") as f:
             saved = flax.serialization.msgpack_restore(f.read())
@@ -733,7 +773,7 @@ def load_model(path, args, params, obs_stats, decoder):
             raise ValueError("array shapes differ")
     except Exception as e:
         sys.exit(f"error: --load-model {path} does not match the networks of this configuration ({e})")
-    return restored["params"], restored["obs_stats"], restored["decoder"]
+    return int(saved.get("env_steps", 0)), restored["params"], restored["obs_stats"], restored["decoder"]
 
 
 def run_metadata():
@@ -770,8 +810,9 @@ def main(args):
     }
     obs_stats = init_running_stats(env.observation_size)
     decoder = identity_decoder(decoder_network, decoder_key, env.observation_size, env.action_size)
+    start_steps = 0
     if args.load_model:
-        params, obs_stats, decoder = load_model(args.load_model, args, params, obs_stats, decoder)
+        start_steps, params, obs_stats, decoder = load_model(args.load_model, args, params, obs_stats, decoder)
     optimizer = optax.adam(args.learning_rate)
 
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -807,7 +848,7 @@ def main(args):
         f"{steps_per_iteration:,} env steps; compiling..."
     )
     compile_start = time.time()
-    evaluate = jax.jit(evaluate).lower(params["latent_policy"], obs_stats, decoder, eval_key, 0.0).compile()
+    evaluate = jax.jit(evaluate).lower(params["latent_policy"], obs_stats, decoder, eval_key, True).compile()
     if sum(args.stage_iterations) > 0:
         state = TrainState(
             params,
@@ -832,23 +873,42 @@ def main(args):
     compile_time = time.time() - compile_start
     print(f"compiled in {compile_time:.1f} s")
 
-    eval_rows, stage_records, train_time, env_steps, collection_steps = [], [], 0.0, 0, 0
+    eval_rows, stage_records, train_time, env_steps, collection_steps = [], [], 0.0, start_steps, 0
 
     def run_evaluation(env_steps, params, obs_stats, decoder):
-        returns = np.asarray(evaluate(params["latent_policy"], obs_stats, decoder, eval_key, 0.0))
-        eval_rows.append((env_steps, float(returns.mean()), float(returns.std())))
-        writer.add_scalar("eval/episodic_return", returns.mean(), env_steps)
-        writer.add_scalar("eval/episodic_return_std", returns.std(), env_steps)
+        # New start states at every evaluation, from a key of its env step; both modes on the same ones (paired).
+        key = jax.random.fold_in(eval_key, env_steps)
+        returns = [
+            np.asarray(evaluate(params["latent_policy"], obs_stats, decoder, key, mode == "deterministic"))
+            for mode in EVAL_MODES
+        ]
+        eval_rows.append((env_steps, *(float(f(r)) for r in returns for f in (np.mean, np.std))))
+        writer.add_scalar("eval/episodic_return", returns[0].mean(), env_steps)
+        writer.add_scalar("eval/episodic_return_std", returns[0].std(), env_steps)
+        writer.add_scalar(f"eval/{EVAL_MODES[1]}_episodic_return", returns[1].mean(), env_steps)
         write_atomic(
             os.path.join(run_path, "eval.csv"),
-            "env_steps,eval_return_mean,eval_return_std\n" + "".join(f"{s},{m:.4f},{d:.4f}\n" for s, m, d in eval_rows),
+            f"env_steps,eval_return_mean,eval_return_std,{EVAL_MODES[1]}_return_mean,{EVAL_MODES[1]}_return_std\n"
+            + "".join(f"{row[0]}," + ",".join(f"{x:.4f}" for x in row[1:]) + "\n" for row in eval_rows),
         )
         if args.save_model:
-            save_model(os.path.join(run_path, "model.msgpack"), args, params, obs_stats, decoder)
-        sps = env_steps / train_time if train_time > 0 else 0.0
+            save_model(os.path.join(run_path, "model.msgpack"), args, env_steps, params, obs_stats, decoder)
+        sps = (env_steps - start_steps) / train_time if train_time > 0 else 0.0
         elapsed = time.strftime("%H:%M:%S", time.gmtime(time.time() - start_time))
-        print(f"eval  step {env_steps:>12,} | return {returns.mean():8.2f} +- {returns.std():7.2f} | ", end="")
-        print(f"SPS {sps:9,.0f} | {elapsed}")
+        print(f"eval  step {env_steps:>12,} | return {returns[0].mean():8.2f} +- {returns[0].std():7.2f} | ", end="")
+        print(f"{EVAL_MODES[1]} {returns[1].mean():8.2f} | SPS {sps:9,.0f} | {elapsed}")
+
+    def evaluated_encoder(iteration, params, obs_stats):
+        """The encoder just evaluated, a candidate for the next decoder's data; copied, since the next training
+        iteration overwrites the state's buffers."""
+        latent_policy_params, obs_stats = jax.tree.map(jnp.copy, (params["latent_policy"], obs_stats))
+        return {
+            "iteration": iteration,
+            "env_steps": eval_rows[-1][0],
+            "eval_return": eval_rows[-1][1],
+            "latent_policy": latent_policy_params,
+            "obs_stats": obs_stats,
+        }
 
     def report_decoder_epoch(stage, epoch, train_loss, validation_loss, improved):
         step = (stage - 1) * args.decoder_epochs + epoch
@@ -859,30 +919,38 @@ def main(args):
             f"{validation_loss:.5f}{' (best)' if improved else ''}"
         )
 
-    run_evaluation(0, params, obs_stats, decoder)
+    run_evaluation(start_steps, params, obs_stats, decoder)
+    best = final = evaluated_encoder(0, params, obs_stats)
     for stage, num_iterations in enumerate(args.stage_iterations):
         if num_iterations == 0:  # --stage-timesteps 0: evaluation only
             break
         record = {"stage": stage}
+        collect_key, fit_key, warm_start_key, histogram_key = jax.random.split(
+            jax.random.fold_in(decoder_key, stage), 4
+        )
         if stage > 0:
+            # The next decoder learns from the finished stage's best (or final) encoder, with the decoder it acted
+            # through: the policy whose behaviour the restarted encoder inherits.
+            distilled = best if args.decoder_data_policy == "best" else final
             transition_start = time.time()
-            collect_key, subsample_key, fit_key = jax.random.split(jax.random.fold_in(decoder_key, stage), 3)
-            before = evaluate(state.params["latent_policy"], state.obs_stats, decoder, eval_key, 1.0)
-            print(f"stage {stage}: collecting {args.collection_rollouts} rollouts of the stage-{stage - 1} policy")
-            carry, collected_obs, collected_actions = state.rollout_carry, [], []
-            for i in range(args.collection_rollouts):
-                carry, transitions, _ = collect_rollout(
-                    state.params["latent_policy"], state.obs_stats, decoder, carry, jax.random.fold_in(collect_key, i)
-                )
-                collected_obs.append(transitions.obs.reshape(-1, env.observation_size))
-                collected_actions.append(transitions.action.reshape(-1, env.action_size))
-                carry.steps.block_until_ready()
-                print(f"  collected rollout {i + 1}/{args.collection_rollouts}")
+            before = evaluate(distilled["latent_policy"], distilled["obs_stats"], decoder, warm_start_key, False)
+            print(
+                f"stage {stage}: collecting {args.collection_rollouts} rollouts of the stage-{stage - 1} encoder of "
+                f"iteration {distilled['iteration']} (deterministic return {distilled['eval_return']:.2f})"
+            )
+            dataset, carry = collect_decoder_data(
+                collect_rollout,
+                distilled["latent_policy"],
+                distilled["obs_stats"],
+                decoder,
+                state.rollout_carry,
+                collect_key,
+                args.collection_rollouts,
+                args.decoder_dataset_size,
+                lambda i: print(f"  collected rollout {i}/{args.collection_rollouts}"),
+            )
             num_collected = args.collection_rollouts * steps_per_iteration
             collection_steps += num_collected
-            keep = jax.random.permutation(subsample_key, num_collected)[: args.decoder_dataset_size]
-            dataset = (jnp.concatenate(collected_obs)[keep], jnp.concatenate(collected_actions)[keep])
-            del collected_obs, collected_actions
             print(f"stage {stage}: fitting the decoder to {args.decoder_dataset_size:,} (state, action) pairs")
             decoder, fit = train_decoder(*dataset, fit_key, partial(report_decoder_epoch, stage))
             del dataset
@@ -891,8 +959,12 @@ def main(args):
             prior = prior_params(latent_policy, jax.random.fold_in(policy_key, stage), env.observation_size)
             params = {**state.params, "latent_policy": prior}
             state = TrainState(params, optimizer.init(params), state.obs_stats, carry, state.key)
-            after = evaluate(state.params["latent_policy"], state.obs_stats, decoder, eval_key, 1.0)
+            # The same episodes and noise as `before`: a paired comparison.
+            after = evaluate(state.params["latent_policy"], state.obs_stats, decoder, warm_start_key, False)
             transition = {
+                "distilled_iteration": distilled["iteration"],
+                "distilled_env_steps": distilled["env_steps"],
+                "distilled_eval_return": distilled["eval_return"],
                 "stochastic_return_before": float(np.mean(before)),
                 "warm_start_return": float(np.mean(after)),
                 **fit,
@@ -909,8 +981,11 @@ def main(args):
                 f"the restart, {transition['warm_start_return']:.2f} after; decoder held-out loss "
                 f"{transition['decoder_validation_loss']:.5f}; transition {transition['transition_time_s']:.1f} s"
             )
+            best = None
 
         settings = stage_settings(args, stage)
+        for name, value in settings._asdict().items():
+            writer.add_scalar(f"stage/{name}", value, env_steps)
         for iteration in range(1, num_iterations + 1):
             iteration_start = time.time()
             state, metrics = train_iteration(state, decoder, settings)
@@ -940,27 +1015,31 @@ def main(args):
                 or env_steps // args.eval_interval > (env_steps - steps_per_iteration) // args.eval_interval
             ):
                 run_evaluation(env_steps, state.params, state.obs_stats, decoder)
-        actions = sample_actions(
-            state.params["latent_policy"], state.obs_stats, decoder, histogram_obs, jax.random.fold_in(eval_key, stage)
-        )
+                final = evaluated_encoder(iteration, state.params, state.obs_stats)
+                if best is None or final["eval_return"] >= best["eval_return"]:
+                    best = final
+        actions = sample_actions(state.params["latent_policy"], state.obs_stats, decoder, histogram_obs, histogram_key)
         writer.add_histogram(
             "stage/action_first_principal_component", first_principal_component(np.asarray(actions)), env_steps
         )
         record.update(env_steps=env_steps, final_eval_return=eval_rows[-1][1])
         stage_records.append(record)
 
-    final_steps, final_mean, final_std = eval_rows[-1]
+    final_steps, final_mean, final_std, other_mean, other_std = eval_rows[-1]
     summary = {
         "env_id": args.env_id,
         "algo": ALGO,
         "seed": args.seed,
         "env_steps": final_steps,
+        "eval_mode": EVAL_MODES[0],
         "final_eval_return": final_mean,
         "final_eval_return_std": final_std,
-        "best_eval_return": max(mean for _, mean, _ in eval_rows),
+        "best_eval_return": max(row[1] for row in eval_rows),
+        f"final_{EVAL_MODES[1]}_eval_return": other_mean,
+        f"final_{EVAL_MODES[1]}_eval_return_std": other_std,
         "wall_time_s": time.time() - start_time,
         "compile_time_s": compile_time,
-        "train_sps": final_steps / train_time if train_time > 0 else 0.0,
+        "train_sps": (final_steps - start_steps) / train_time if train_time > 0 else 0.0,
         "collection_env_steps": collection_steps,
         "stages": stage_records,
     }

@@ -34,6 +34,9 @@ from mujoco_playground import dm_control_suite, registry
 from tensorboardX import SummaryWriter
 
 ALGO = "ppo_continuous"
+# How the paper evaluated this algorithm (its headline: eval.csv's eval_return_mean, summary.json's final_eval_return),
+# then the other mode, measured beside it on the same episodes.
+EVAL_MODES = ("deterministic", "stochastic")
 # Per-task discounts of the paper's configuration (Playground's published Brax PPO settings); others use 0.995.
 TASK_GAMMA = {"BallInCup": 0.95, "FingerSpin": 0.95}
 
@@ -53,7 +56,8 @@ class Args:
     save_model: bool = False
     """save the policy to `model.msgpack` in the run folder (at every evaluation, so a crash keeps the last one)"""
     load_model: Optional[str] = None
-    """start from a `model.msgpack` saved by this script; with `--total-timesteps 0` it is only evaluated"""
+    """start from a `model.msgpack` saved by this script, counting env steps on from the step it was saved at; with
+    `--total-timesteps 0` it is only evaluated (on the episodes its own run evaluated it on)"""
     track: bool = False
     """also log to Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "gorl"
@@ -399,21 +403,23 @@ def make_train_iteration(rollout, update):
 
 
 def make_evaluate(env, policy, num_eval_envs, episode_length):
-    def evaluate(policy_params, obs_stats, key):
-        """Raw returns of the deterministic policy (the Gaussian's mean) in `num_eval_envs` fresh episodes of
-        `episode_length` steps, without auto-reset."""
-        env_state = jax.vmap(env.reset)(jax.random.split(key, num_eval_envs))
+    def evaluate(policy_params, obs_stats, key, deterministic):
+        """Raw returns in `num_eval_envs` fresh episodes of `episode_length` steps, without auto-reset, of the
+        deterministic policy (the Gaussian's mean) or of the stochastic one."""
+        reset_key, noise_key = jax.random.split(key)
+        env_state = jax.vmap(env.reset)(jax.random.split(reset_key, num_eval_envs))
 
-        def step(carry, _):
+        def step(carry, key):
             env_state, alive, returns = carry
-            mean, _ = policy_distribution(policy.apply(policy_params, normalize(obs_stats, env_state.obs)))
-            env_state = jax.vmap(env.step)(env_state, jnp.tanh(mean))
+            mean, std = policy_distribution(policy.apply(policy_params, normalize(obs_stats, env_state.obs)))
+            action = jnp.where(deterministic, mean, mean + std * jax.random.normal(key, mean.shape))
+            env_state = jax.vmap(env.step)(env_state, jnp.tanh(action))
             returns = returns + jnp.where(alive, env_state.reward, 0.0)
             # An episode the env ends (its physics went NaN) scores nothing more.
             return (env_state, alive & (env_state.done == 0), returns), None
 
         init = (env_state, jnp.ones(num_eval_envs, bool), jnp.zeros(num_eval_envs))
-        (_, _, returns), _ = lax.scan(step, init, length=episode_length)
+        (_, _, returns), _ = lax.scan(step, init, jax.random.split(noise_key, episode_length))
         return returns
 
     return evaluate
@@ -468,15 +474,16 @@ def write_atomic(path, text):
     os.replace(path + ".tmp", path)
 
 
-def save_model(path, args, params, obs_stats):
-    payload = {"algo": ALGO, "env_id": args.env_id, "params": params, "obs_stats": obs_stats}
+def save_model(path, args, env_steps, params, obs_stats):
+    payload = {"algo": ALGO, "env_id": args.env_id, "env_steps": env_steps, "params": params, "obs_stats": obs_stats}
     with open(path + ".tmp", "wb") as f:
         f.write(flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(payload)))
     os.replace(path + ".tmp", path)
 
 
 def load_model(path, args, params, obs_stats):
-    """The (params, obs_stats) saved in `path`, checked against this task's networks; exits with one line if not."""
+    """The (env_steps, params, obs_stats) saved in `path`, checked against this task's networks; exits with one line if
+    not."""
     try:
         with open(path, "rb") as f:
             saved = flax.serialization.msgpack_restore(f.read())
@@ -497,7 +504,7 @@ def load_model(path, args, params, obs_stats):
             raise ValueError("array shapes differ")
     except Exception as e:
         sys.exit(f"error: --load-model {path} does not match the networks of this configuration ({e})")
-    return restored["params"], restored["obs_stats"]
+    return int(saved.get("env_steps", 0)), restored["params"], restored["obs_stats"]
 
 
 def run_metadata():
@@ -528,8 +535,9 @@ def main(args):
     dummy_obs = jnp.zeros((1, env.observation_size))
     params = {"policy": policy.init(policy_key, dummy_obs), "critic": critic.init(critic_key, dummy_obs)}
     obs_stats = init_running_stats(env.observation_size)
+    start_steps = 0
     if args.load_model:
-        params, obs_stats = load_model(args.load_model, args, params, obs_stats)
+        start_steps, params, obs_stats = load_model(args.load_model, args, params, obs_stats)
     optimizer = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(args.learning_rate))
 
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -561,7 +569,7 @@ def main(args):
     print(f"{args.env_id} ({args.impl}): {args.num_iterations} iterations x {steps_per_iteration:,} env steps")
     print("compiling...")
     compile_start = time.time()
-    evaluate = jax.jit(evaluate).lower(params["policy"], obs_stats, eval_key).compile()
+    evaluate = jax.jit(evaluate).lower(params["policy"], obs_stats, eval_key, True).compile()
     if args.num_iterations > 0:
         state = TrainState(
             params,
@@ -577,29 +585,35 @@ def main(args):
     eval_rows, train_time = [], 0.0
 
     def run_evaluation(env_steps, params, obs_stats):
-        returns = np.asarray(evaluate(params["policy"], obs_stats, eval_key))
-        eval_rows.append((env_steps, float(returns.mean()), float(returns.std())))
-        writer.add_scalar("eval/episodic_return", returns.mean(), env_steps)
-        writer.add_scalar("eval/episodic_return_std", returns.std(), env_steps)
+        # New start states at every evaluation, from a key of its env step; both modes on the same ones (paired).
+        key = jax.random.fold_in(eval_key, env_steps)
+        returns = [
+            np.asarray(evaluate(params["policy"], obs_stats, key, mode == "deterministic")) for mode in EVAL_MODES
+        ]
+        eval_rows.append((env_steps, *(float(f(r)) for r in returns for f in (np.mean, np.std))))
+        writer.add_scalar("eval/episodic_return", returns[0].mean(), env_steps)
+        writer.add_scalar("eval/episodic_return_std", returns[0].std(), env_steps)
+        writer.add_scalar(f"eval/{EVAL_MODES[1]}_episodic_return", returns[1].mean(), env_steps)
         write_atomic(
             os.path.join(run_path, "eval.csv"),
-            "env_steps,eval_return_mean,eval_return_std\n" + "".join(f"{s},{m:.4f},{d:.4f}\n" for s, m, d in eval_rows),
+            f"env_steps,eval_return_mean,eval_return_std,{EVAL_MODES[1]}_return_mean,{EVAL_MODES[1]}_return_std\n"
+            + "".join(f"{row[0]}," + ",".join(f"{x:.4f}" for x in row[1:]) + "\n" for row in eval_rows),
         )
         if args.save_model:
-            save_model(os.path.join(run_path, "model.msgpack"), args, params, obs_stats)
-        sps = env_steps / train_time if train_time > 0 else 0.0
+            save_model(os.path.join(run_path, "model.msgpack"), args, env_steps, params, obs_stats)
+        sps = (env_steps - start_steps) / train_time if train_time > 0 else 0.0
         elapsed = time.strftime("%H:%M:%S", time.gmtime(time.time() - start_time))
-        print(f"eval  step {env_steps:>12,} | return {returns.mean():8.2f} +- {returns.std():7.2f} | ", end="")
-        print(f"SPS {sps:9,.0f} | {elapsed}")
+        print(f"eval  step {env_steps:>12,} | return {returns[0].mean():8.2f} +- {returns[0].std():7.2f} | ", end="")
+        print(f"{EVAL_MODES[1]} {returns[1].mean():8.2f} | SPS {sps:9,.0f} | {elapsed}")
 
-    run_evaluation(0, params, obs_stats)
+    run_evaluation(start_steps, params, obs_stats)
     for iteration in range(1, args.num_iterations + 1):
         iteration_start = time.time()
         state, metrics = train_iteration(state)
         metrics = jax.device_get(metrics)  # the one host sync of the iteration
         iteration_time = time.time() - iteration_start
         train_time += iteration_time
-        env_steps = iteration * steps_per_iteration
+        env_steps = start_steps + iteration * steps_per_iteration
         if not metrics["finite"]:
             writer.close()
             sys.exit(
@@ -622,18 +636,21 @@ def main(args):
         ):
             run_evaluation(env_steps, state.params, state.obs_stats)
 
-    final_steps, final_mean, final_std = eval_rows[-1]
+    final_steps, final_mean, final_std, other_mean, other_std = eval_rows[-1]
     summary = {
         "env_id": args.env_id,
         "algo": ALGO,
         "seed": args.seed,
         "env_steps": final_steps,
+        "eval_mode": EVAL_MODES[0],
         "final_eval_return": final_mean,
         "final_eval_return_std": final_std,
-        "best_eval_return": max(mean for _, mean, _ in eval_rows),
+        "best_eval_return": max(row[1] for row in eval_rows),
+        f"final_{EVAL_MODES[1]}_eval_return": other_mean,
+        f"final_{EVAL_MODES[1]}_eval_return_std": other_std,
         "wall_time_s": time.time() - start_time,
         "compile_time_s": compile_time,
-        "train_sps": final_steps / train_time if train_time > 0 else 0.0,
+        "train_sps": (final_steps - start_steps) / train_time if train_time > 0 else 0.0,
     }
     write_atomic(os.path.join(run_path, "summary.json"), json.dumps(summary, indent=2))
     writer.close()

@@ -12,13 +12,19 @@ import benchmark
 
 
 def fabricate_run(root, algo, env_id, seed, final, curve_steps=(0, 100, 200)):
-    """A run folder as the scripts write it, with a linear learning curve ending at `final`."""
+    """A run folder as the scripts write it, with a linear learning curve ending at `final` (the other evaluation
+    mode's at half of it)."""
     path = os.path.join(root, "runs", f"{env_id}__{algo}__{seed}__{1700000000 + seed}")
     os.makedirs(path)
     rows = [(step, final * step / curve_steps[-1]) for step in curve_steps]
     with open(os.path.join(path, "eval.csv"), "w") as f:
-        f.write("env_steps,eval_return_mean,eval_return_std\n" + "".join(f"{s},{m},1.0\n" for s, m in rows))
+        f.write(
+            "env_steps,eval_return_mean,eval_return_std,stochastic_return_mean,stochastic_return_std\n"
+            + "".join(f"{s},{m},1.0,{m / 2},1.0\n" for s, m in rows)
+        )
+    mode, other = ("stochastic", "deterministic") if algo in ("fpo", "dppo") else ("deterministic", "stochastic")
     summary = {"env_id": env_id, "algo": algo, "seed": seed, "env_steps": curve_steps[-1], "final_eval_return": final}
+    summary.update({"eval_mode": mode, f"final_{other}_eval_return": final / 2})
     with open(os.path.join(path, "summary.json"), "w") as f:
         json.dump({**summary, "final_eval_return_std": 1.0, "best_eval_return": final, "train_sps": 1.0}, f)
     return path
@@ -45,15 +51,28 @@ def test_summary_of_fabricated_runs(tmp_path):
     assert (gorl_cheetah["mean"], gorl_cheetah["std"], gorl_cheetah["n"]) == (600.0, 100.0, 2)
     assert results["missing"] == [{"algo": "gorl_ppo_fm", "env_id": "CheetahRun", "seed": 3}]
     assert len(results["runs"]) == 11
+    assert (ppo_cheetah["eval_mode"], ppo_cheetah["other_mode_mean"]) == ("deterministic", pytest.approx(100.0))
 
     markdown = (tmp_path / "summary" / "results.md").read_text()
     table = [line for line in markdown.splitlines() if line.startswith("| ")]
     assert table[0] == "| method | CheetahRun | HopperStand |"
-    assert table[1].startswith("| PPO | 200.0 +- 81.6 [n=3] (paper 724.8 +- 155.7) | **50.0 +- 0.0** [n=3]")
-    assert table[2].startswith("| GoRL(FM) | **600.0 +- 100.0** [n=2] (paper 883.4 +- 19.9) | 20.0 +- 8.2 [n=3]")
+    assert table[1].startswith("| PPO (deterministic) | 200.0 +- 81.6 [n=3] (paper 724.8 +- 155.7) | **50.0 +- 0.0**")
+    assert table[2].startswith("| GoRL(FM) (deterministic) | **600.0 +- 100.0** [n=2] (paper 883.4 +- 19.9) |")
     assert "Missing runs (1): gorl_ppo_fm on CheetahRun, seed 3" in markdown
     for env_id in ("CheetahRun", "HopperStand"):
         assert (tmp_path / "summary" / f"curves_{env_id}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_summary_names_each_rows_mode_bolds_no_tie_and_gives_no_std_for_one_seed(tmp_path):
+    for seed in (1, 2):
+        fabricate_run(tmp_path, "ppo_continuous", "FishSwim", seed, 40.0)
+        fabricate_run(tmp_path, "fpo", "FishSwim", seed, 40.0)
+    fabricate_run(tmp_path, "dppo", "WalkerWalk", 1, 123.0)
+    benchmark.summarize_folder(str(tmp_path), str(tmp_path / "summary"))
+    table = [line for line in (tmp_path / "summary" / "results.md").read_text().splitlines() if line.startswith("| ")]
+    assert table[1] == "| PPO (deterministic) | 40.0 +- 0.0 [n=2] (paper 433.7 +- 73.6) | missing |"
+    assert table[2] == "| FPO (stochastic) | 40.0 +- 0.0 [n=2] (paper 204.7 +- 191.5) | missing |"
+    assert table[3] == "| DPPO (stochastic) | missing | **123.0** [n=1] (paper 345.6 +- 64.5) |"
 
 
 def test_summary_keeps_the_newest_run_of_a_cell(tmp_path):

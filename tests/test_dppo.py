@@ -27,11 +27,13 @@ def test_cosine_schedule():
 
 def test_step_distribution_is_ddpm_posterior_with_floored_std():
     policy, params, obs = make_policy()
-    betas, alpha_bars = (np.asarray(a, np.float64) for a in dppo.cosine_schedule(10))
+    num_steps = dppo.NUM_DENOISING_STEPS
+    assert num_steps == 20  # DPPO's from-scratch configuration
+    betas, alpha_bars = (np.asarray(a, np.float64) for a in dppo.cosine_schedule(num_steps))
     x = np.asarray(jax.random.normal(jax.random.key(5), (6, 3)))
-    for level in (10, 5, 1):
+    for level in (num_steps, 10, 1):
         mean, std = dppo.step_distribution(policy, params, obs, jnp.asarray(x, jnp.float32), level)
-        noise = np.asarray(policy.apply(params, obs, jnp.asarray(x, jnp.float32), level / 10))
+        noise = np.asarray(policy.apply(params, obs, jnp.asarray(x, jnp.float32), level / num_steps))
         a, a_prev, b = alpha_bars[level], alpha_bars[level - 1], betas[level - 1]
         x0 = np.clip((x - np.sqrt(1 - a) * noise) / np.sqrt(a), -3, 3)
         expected_mean = (b * np.sqrt(a_prev) * x0 + (1 - a_prev) * np.sqrt(1 - b) * x) / (1 - a)
@@ -43,26 +45,43 @@ def test_step_distribution_is_ddpm_posterior_with_floored_std():
 
 def test_step_log_probs_are_closed_form_gaussians_averaged_over_dimensions():
     policy, params, obs = make_policy(2)
-    chain = dppo.sample_chain(policy, params, obs, jax.random.key(3), 1.0)
-    assert chain.shape == (6, 11, 3)
+    chain = dppo.sample_chain(policy, params, obs, jax.random.key(3), False)
+    assert chain.shape == (6, dppo.NUM_DENOISING_STEPS + 1, 3)
     log_probs = np.asarray(dppo.chain_log_probs(policy, params, obs, chain))
-    for i, level in enumerate(range(10, 0, -1)):
+    for i, level in enumerate(range(dppo.NUM_DENOISING_STEPS, 0, -1)):
         mean, std = dppo.step_distribution(policy, params, obs, chain[:, i], level)
-        expected = np.mean(jax.scipy.stats.norm.logpdf(chain[:, i + 1], mean, std), axis=-1)
+        expected = np.mean(np.clip(jax.scipy.stats.norm.logpdf(chain[:, i + 1], mean, std), -5, 2), axis=-1)
         np.testing.assert_allclose(log_probs[:, i], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_ratio_is_exactly_one_for_the_policy_that_acted():
-    policy, params, obs = make_policy(4)
-    chain = dppo.sample_chain(policy, params, obs, jax.random.key(5), 1.0)
-    stored = dppo.chain_log_probs(policy, params, obs, chain)
-    assert np.all(np.asarray(jnp.exp(dppo.chain_log_probs(policy, params, obs, chain) - stored)) == 1.0)
+def test_step_log_probs_are_clamped_per_element_as_dppo_does():
+    policy, params, obs = make_policy(8)
+    chain = dppo.sample_chain(policy, params, obs, jax.random.key(9), False)
+    far = chain.at[:, 1::2, 0].add(5.0)  # every other state shifted in the first action dimension
+    log_probs = np.asarray(dppo.chain_log_probs(policy, params, obs, far))
+    clamped = 0
+    for i, level in enumerate(range(dppo.NUM_DENOISING_STEPS, 0, -1)):
+        mean, std = dppo.step_distribution(policy, params, obs, far[:, i], level)
+        per_dim = np.asarray(jax.scipy.stats.norm.logpdf(far[:, i + 1], mean, std))
+        clamped += np.sum(per_dim < -5.0)
+        np.testing.assert_allclose(log_probs[:, i], np.mean(np.clip(per_dim, -5.0, 2.0), axis=-1), rtol=1e-5, atol=1e-5)
+    assert clamped > 50  # the clamp was exercised
 
 
-def test_zero_noise_gives_the_mean_path():
+def test_deterministic_mode_is_dppos():
+    """DPPO's "deterministic" sampling still draws x_K from N(0, I) and noises every step but the last, with the step
+    std floored at 1e-3 instead of 0.1."""
     policy, params, obs = make_policy(6)
-    chain = dppo.sample_chain(policy, params, obs, jax.random.key(7), 0.0)
-    np.testing.assert_array_equal(chain[:, 0], 0.0)
-    for i, level in enumerate(range(10, 0, -1)):
-        mean, _ = dppo.step_distribution(policy, params, obs, chain[:, i], level)
-        np.testing.assert_allclose(chain[:, i + 1], mean, rtol=1e-6, atol=1e-6)
+    key = jax.random.key(7)
+    chain = np.asarray(dppo.sample_chain(policy, params, obs, key, True))
+    stochastic = np.asarray(dppo.sample_chain(policy, params, obs, key, False))
+    np.testing.assert_array_equal(chain[:, 0], stochastic[:, 0])  # the same random x_K
+    assert np.abs(chain[:, 0]).min() > 0
+    _, key = jax.random.split(key)
+    step_keys = jax.random.split(key, dppo.NUM_DENOISING_STEPS)
+    for i, level in enumerate(range(dppo.NUM_DENOISING_STEPS, 0, -1)):
+        mean, std = dppo.step_distribution(policy, params, obs, jnp.asarray(chain[:, i]), level, 1e-3)
+        noise = np.clip(np.asarray(jax.random.normal(step_keys[i], chain[:, i].shape)), -3, 3)
+        expected = np.asarray(mean) + (0.0 if level == 1 else np.asarray(std) * noise)
+        np.testing.assert_allclose(chain[:, i + 1], expected, rtol=1e-5, atol=1e-6)
+    assert float(std.min()) < 0.1  # the posterior std below DPPO's sampling floor is kept

@@ -55,3 +55,18 @@ def test_behavioural_warm_start(script, learning_runs):
         print(f"stage {stage['stage']}: stochastic return {before:.1f} before the restart, {after:.1f} after")
         assert before > 100.0
         assert abs(after - before) < 0.25 * before
+
+
+@pytest.mark.parametrize("script", [script for script in SCRIPTS if script.startswith("gorl")])
+def test_restarted_encoder_learns(script, learning_runs):
+    """Each stage after a restart moves the encoder away from the N(0, I) prior it restarted at: its KL from the prior,
+    measured in the updates of the stage's last iteration, is well above zero (a frozen encoder keeps it at 0)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_path, _ = learning_runs(script)
+    events = EventAccumulator(run_path, size_guidance={"scalars": 0})
+    events.Reload()
+    kl = {e.step: e.value for e in events.Scalars("losses/latent_kl")}
+    for stage in read_json(os.path.join(run_path, "summary.json"))["stages"][1:]:
+        print(f"stage {stage['stage']}: KL from the prior at its end {kl[stage['env_steps']]:.4f}")
+        assert kl[stage["env_steps"]] > 0.01

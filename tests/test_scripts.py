@@ -21,6 +21,7 @@ SUMMARY_FIELDS = {
     "final_eval_return",
     "final_eval_return_std",
     "best_eval_return",
+    "eval_mode",
     "wall_time_s",
     "compile_time_s",
     "train_sps",
@@ -40,6 +41,11 @@ def events_of(run_path):
 def test_output_contract(script, learning_runs):
     run_path, stdout = learning_runs(script)
     algo = script.removesuffix(".py")
+    paper_mode, other_mode = importlib.import_module(algo).EVAL_MODES
+    # The mode the paper's numbers were made in: PPO and GoRL deterministic, FPO and DPPO stochastic.
+    assert paper_mode == (
+        "deterministic" if algo in ("ppo_continuous", "gorl_ppo_fm", "gorl_ppo_diffusion") else "stochastic"
+    )
     assert os.path.basename(run_path).startswith(f"CartpoleSwingup__{algo}__1__")
     config = read_json(os.path.join(run_path, "config.json"))
     assert config["env_id"] == "CartpoleSwingup" and config["impl"] == "jax" and config["gamma"] == 0.99
@@ -48,14 +54,18 @@ def test_output_contract(script, learning_runs):
 
     with open(os.path.join(run_path, "eval.csv")) as f:
         lines = f.read().splitlines()
-    assert lines[0] == "env_steps,eval_return_mean,eval_return_std"
+    assert lines[0] == f"env_steps,eval_return_mean,eval_return_std,{other_mode}_return_mean,{other_mode}_return_std"
     rows = [tuple(map(float, line.split(","))) for line in lines[1:]]
     assert [r[0] for r in rows] == EVAL_STEPS
-    assert all(0.0 <= mean <= 1000.0 and std >= 0.0 for _, mean, std in rows)
+    assert all(0.0 <= mean <= 1000.0 and std >= 0.0 for _, mean, std, _, _ in rows)
+    assert all(0.0 <= mean <= 1000.0 and std >= 0.0 for _, _, _, mean, std in rows)
 
     summary = read_json(os.path.join(run_path, "summary.json"))
     assert SUMMARY_FIELDS <= set(summary)
     assert summary["algo"] == algo and summary["seed"] == 1 and summary["env_steps"] == EVAL_STEPS[-1]
+    assert summary["eval_mode"] == paper_mode
+    assert summary[f"final_{other_mode}_eval_return"] == pytest.approx(rows[-1][3], abs=1e-3)
+    assert summary[f"final_{other_mode}_eval_return_std"] == pytest.approx(rows[-1][4], abs=1e-3)
     assert summary["final_eval_return"] == pytest.approx(rows[-1][1], abs=1e-3)
     assert summary["final_eval_return_std"] == pytest.approx(rows[-1][2], abs=1e-3)
     assert summary["best_eval_return"] == pytest.approx(max(r[1] for r in rows), abs=1e-3)
@@ -67,6 +77,8 @@ def test_output_contract(script, learning_runs):
     assert {"losses/value_loss", "losses/approx_kl", "losses/clipfrac", "losses/grad_norm"} <= tags
     assert [e.step for e in events.Scalars("eval/episodic_return")] == EVAL_STEPS
     assert [e.value for e in events.Scalars("eval/episodic_return")] == pytest.approx([r[1] for r in rows], abs=1e-3)
+    other = events.Scalars(f"eval/{other_mode}_episodic_return")
+    assert [e.value for e in other] == pytest.approx([r[3] for r in rows], abs=1e-3)
     assert len(events.Scalars("charts/SPS")) == 20
     assert stdout.count("eval  step") == len(EVAL_STEPS)
     assert not [name for name in os.listdir(run_path) if name.endswith(".tmp")]
@@ -81,9 +93,10 @@ def test_saved_model_reproduces_its_evaluation(script, learning_runs, tmp_path):
     result = run_script(script, *CPU_ARGS, *no_training, "--load-model", model, "--run-dir", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     reloaded = read_json(os.path.join(only_run_folder(tmp_path), "summary.json"))
-    assert reloaded["env_steps"] == 0
-    assert reloaded["final_eval_return"] == pytest.approx(summary["final_eval_return"], rel=1e-6)
-    assert reloaded["final_eval_return_std"] == pytest.approx(summary["final_eval_return_std"], rel=1e-5, abs=1e-4)
+    # The model knows its env step, and an evaluation's episodes are those of its step: the run's last evaluation again.
+    assert reloaded["env_steps"] == summary["env_steps"]
+    for name in [name for name in summary if name.startswith("final_")]:  # both modes
+        assert reloaded[name] == pytest.approx(summary[name], rel=1e-5, abs=1e-4), name
 
 
 @pytest.mark.parametrize("script", [script for script in SCRIPTS if script.startswith("gorl")])
@@ -113,7 +126,27 @@ def test_gorl_logs_its_stages(script, learning_runs):
         "decoder/train_loss",
         "decoder/validation_loss",
         "losses/latent_reg",
+        "losses/latent_kl",
+        "stage/distilled_iteration",
     } <= tags
+    # Each stage's update ran with that stage's settings (the paper's: clip 0.15, then 0.3; ...).
+    stage_starts = [0, 8 * N, 12 * N, 16 * N]
+    for name, values in (("clip_eps", (0.15, 0.3)), ("max_grad_norm", (0.5, 1.0)), ("latent_reg_coef", (5e-4, 1e-3))):
+        logged = events.Scalars(f"stage/{name}")
+        assert [e.step for e in logged] == stage_starts
+        assert [e.value for e in logged] == pytest.approx([values[0]] + [values[1]] * 3), name
+    # The next decoder's data came from the stage's best encoder by deterministic evaluation (ties to the later).
+    with open(os.path.join(run_path, "eval.csv")) as f:
+        rows = [tuple(map(float, line.split(","))) for line in f.read().splitlines()[1:]]
+    for stage, (start, end) in enumerate(zip([0, 8 * N, 12 * N, 16 * N], [8 * N, 12 * N, 16 * N, 20 * N]), start=1):
+        if stage == 4:
+            break
+        candidates = [row for row in rows if (start < row[0] <= end) or (stage == 1 and row[0] == 0)]
+        best = max(candidates, key=lambda row: (row[1], row[0]))
+        assert stages[stage]["distilled_env_steps"] == best[0] and stages[stage][
+            "distilled_eval_return"
+        ] == pytest.approx(best[1], abs=1e-3)
+        assert stages[stage]["distilled_iteration"] == (best[0] - start) // N
     assert [e.step for e in events.Scalars("stage/warm_start_return")] == [8 * N, 12 * N, 16 * N]
     assert [e.value for e in events.Scalars("stage/index")] == [0] * 8 + [1] * 4 + [2] * 4 + [3] * 4
     epochs = [e.step for e in events.Scalars("decoder/validation_loss")]

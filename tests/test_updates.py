@@ -1,0 +1,237 @@
+"""Every script's update, run on hand-made batches: the surrogate pushes each action the way its advantage says, GoRL's
+stage settings reach the update, and a rollout's stored likelihoods (or losses) give ratios of exactly 1 in the first
+minibatch of the update that follows it.
+
+The batches hold two samples taken in one state, one rewarded and one not. Every step terminates, so the advantage is
+reward - value, and after normalisation the rewarded sample's is +1, the other's -1."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import dppo
+import fpo
+import gorl_ppo_diffusion
+import gorl_ppo_fm
+import ppo_continuous
+
+OBS_SIZE, ACTION_SIZE = 5, 3
+GORL = (gorl_ppo_fm, gorl_ppo_diffusion)
+
+
+def tiny_args(module, **overrides):
+    """One minibatch of two one-step sequences, one epoch: a single gradient step."""
+    args = module.Args(
+        env_id="CartpoleSwingup", num_envs=2, num_minibatches=1, batch_size=2, unroll_length=1, update_epochs=1
+    )
+    args.gamma = 0.99
+    for name, value in overrides.items():
+        setattr(args, name, value)
+    module.check_args(args)
+    return args
+
+
+def two_sample_batch(module, params, networks, key):
+    """(transitions (T=1, B=2), a function from params to the two samples' log-likelihoods or, for FPO, minus their
+    flow-matching losses): the rewarded sample first."""
+    obs = jnp.broadcast_to(jax.random.normal(key, (OBS_SIZE,)), (1, 2, OBS_SIZE))
+    reward, termination, truncation = jnp.array([[1.0, 0.0]]), jnp.ones((1, 2)), jnp.zeros((1, 2))
+    stats = module.init_running_stats(OBS_SIZE)
+    if module in (ppo_continuous, *GORL):
+        policy = networks[0]
+        name = "policy" if module is ppo_continuous else "latent_policy"
+
+        def log_probs(params):
+            mean, std = module.policy_distribution(policy.apply(params[name], obs))
+            return module.gaussian_log_prob(sample, mean, std)[0]
+
+        mean, std = module.policy_distribution(policy.apply(params[name], obs))
+        # One std to either side of the mean: the std's gradients cancel, so only the mean can tell them apart.
+        sample = mean + jnp.array([1.0, -1.0])[None, :, None] * std
+        log_prob = module.gaussian_log_prob(sample, mean, std)
+        if module is ppo_continuous:
+            transitions = module.Transition(obs, sample, log_prob, reward, termination, truncation)
+        else:
+            transitions = module.Transition(obs, sample, log_prob, sample, reward, termination, truncation)
+    elif module is fpo:
+        policy = networks[0]
+        actions = jnp.array([[[0.5] * ACTION_SIZE, [-0.5] * ACTION_SIZE]])
+        noise, t = fpo.sample_pairs(jax.random.fold_in(key, 1), (1, 1, ACTION_SIZE), True)
+        noise, t = (jnp.broadcast_to(x, (1, 2) + x.shape[2:]) for x in (noise, t))  # the same pairs for both
+
+        def log_probs(params):
+            return -jnp.mean(fpo.cfm_losses(policy, params["policy"], obs, actions, noise, t), axis=-1)[0]
+
+        cfm_loss = fpo.cfm_losses(policy, params["policy"], obs, actions, noise, t)
+        transitions = fpo.Transition(obs, actions, noise, t, cfm_loss, reward, termination, truncation)
+    else:
+        policy = networks[0]
+        chain = dppo.sample_chain(policy, params["policy"], obs, jax.random.fold_in(key, 1), False)
+
+        def log_probs(params):
+            return jnp.sum(dppo.chain_log_probs(policy, params["policy"], obs, chain), axis=-1)[0]
+
+        log_prob = dppo.chain_log_probs(policy, params["policy"], obs, chain)
+        transitions = dppo.Transition(obs, chain, log_prob, reward, termination, truncation)
+    return transitions, log_probs, stats
+
+
+def networks_and_params(module, key, obs_size=OBS_SIZE, action_size=ACTION_SIZE):
+    """The script's (policy, critic) at the sizes its main() builds, and their initial parameters."""
+    policy_key, critic_key = jax.random.split(key)
+    obs, action = jnp.zeros((1, obs_size)), jnp.zeros((1, action_size))
+    critic = module.MLP((256,) * 5 + (1,))
+    if module is ppo_continuous:
+        policy = module.MLP((32,) * 4 + (2 * action_size,))
+        return (policy, critic), {"policy": policy.init(policy_key, obs), "critic": critic.init(critic_key, obs)}
+    if module in GORL:
+        policy = module.MLP((32,) * 4 + (2 * action_size,))
+        params = {"latent_policy": module.prior_params(policy, policy_key, obs_size)}
+        return (policy, critic), {**params, "critic": critic.init(critic_key, obs)}
+    if module is fpo:
+        policy = fpo.ConditionalField((32,) * 4, action_size, output_scale=0.25)
+    else:
+        policy = dppo.ConditionalField((32,) * 4, action_size)
+    params = {"policy": policy.init(policy_key, obs, action, jnp.zeros((1, 1))), "critic": critic.init(critic_key, obs)}
+    return (policy, critic), params
+
+
+def one_update(module, args, networks, params, transitions, stats, settings=None):
+    optimizer = optax.adam(1e-3)
+    update = module.make_update(*networks, optimizer, args)
+    extra = () if settings is None else (settings,)
+    return update(params, optimizer.init(params), stats, *extra, transitions, transitions.obs[-1], jax.random.key(7))
+
+
+CASES = [
+    (ppo_continuous, {"ent_coef": 0.0}),
+    (gorl_ppo_fm, {"ent_coef": 0.0}),
+    (gorl_ppo_diffusion, {"ent_coef": 0.0}),
+    (fpo, {}),
+    (fpo, {"ratio": "per_action"}),
+    (dppo, {}),
+]
+
+
+@pytest.mark.parametrize("module, overrides", CASES, ids=lambda c: getattr(c, "ALGO", None) or str(c))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_update_makes_the_advantaged_action_more_likely_and_the_other_less(module, overrides, seed):
+    args = tiny_args(module, **overrides)
+    networks, params = networks_and_params(module, jax.random.key(seed))
+    transitions, log_probs, stats = two_sample_batch(module, params, networks, jax.random.key(100 + seed))
+    settings = module.stage_settings(args, 1) if module in GORL else None
+    new_params, _, _ = one_update(module, args, networks, params, transitions, stats, settings)
+    before, after = np.asarray(log_probs(params)), np.asarray(log_probs(new_params))
+    print(f"{module.ALGO} {overrides}: {before} -> {after}")
+    assert after[0] > before[0], "the action with a positive advantage became less likely"
+    assert after[1] < before[1], "the action with a negative advantage became more likely"
+
+
+@pytest.mark.parametrize("module", GORL)
+def test_gorl_update_applies_the_stage_settings(module):
+    """The same batch, whose rewarded latent has a ratio of 1.2: stage 0's clip (0.15) cuts it, stage 1's (0.3) does
+    not; and the loss carries the stage's latent regulariser coefficient (5e-4 in stage 0, 1e-3 later)."""
+    args = tiny_args(module)
+    networks, params = networks_and_params(module, jax.random.key(0))
+    transitions, _, stats = two_sample_batch(module, params, networks, jax.random.key(1))
+    transitions = transitions._replace(log_prob=transitions.log_prob - jnp.log(jnp.array([[1.2, 1.0]])))
+    for stage, clipped, coef in ((0, 0.5, 5e-4), (1, 0.0, 1e-3), (3, 0.0, 1e-3)):
+        settings = module.stage_settings(args, stage)
+        _, _, metrics = one_update(module, args, networks, params, transitions, stats, settings)
+        assert float(metrics["clipfrac"]) == clipped
+        unregularised = (
+            metrics["policy_loss"] + args.vf_coef * metrics["value_loss"] - args.ent_coef * metrics["entropy"]
+        )
+        np.testing.assert_allclose(metrics["loss"] - unregularised, coef * metrics["latent_reg"], rtol=1e-2)
+
+
+def test_ballincup_runs_stage_zero_without_the_latent_regulariser():
+    for module in GORL:
+        assert tiny_args(module, env_id="BallInCup").latent_reg_coef == (0.0, 1e-3)
+        assert tiny_args(module).latent_reg_coef == (5e-4, 1e-3)
+        assert float(module.stage_settings(tiny_args(module, env_id="BallInCup"), 0).latent_reg_coef) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A real rollout, then the update: its first ratios are exactly 1
+
+
+@pytest.fixture(scope="module")
+def env():
+    return ppo_continuous.make_env("CartpoleSwingup", "jax")
+
+
+@pytest.mark.parametrize("module, overrides", CASES, ids=lambda c: getattr(c, "ALGO", None) or str(c))
+def test_first_ratios_of_the_update_after_a_rollout_are_one(module, overrides, env):
+    """The rollout stores what the loss recomputes (log-likelihoods, flow-matching losses) with the same observation
+    statistics, so a single gradient step sees ratios of 1: no clipping, no KL."""
+    env, episode_length = env
+    args = tiny_args(module, unroll_length=4, **overrides)  # rollouts of 4 steps in 2 envs
+    key = jax.random.key(3)
+    obs_size, action_size = env.observation_size, env.action_size
+    networks, params = networks_and_params(module, key, obs_size, action_size)
+    # Statistics that are far from the identity, so a rollout normalising differently from the loss would show.
+    stats = module.update_running_stats(
+        module.init_running_stats(obs_size), 3.0 + 2.0 * jax.random.normal(key, (50, obs_size))
+    )
+    if module in GORL:
+        decoder_network = module.ConditionalField((64,) * 4, action_size)
+        decoder = module.identity_decoder(decoder_network, key, obs_size, action_size)
+        init, rollout = module.make_rollout(env, networks[0], decoder_network, args.rollout_length, episode_length)
+        policy_inputs = (params["latent_policy"], stats, decoder)
+    elif module is fpo:
+        init, rollout = fpo.make_rollout(
+            env, networks[0], args.rollout_length, episode_length, args.ratio == "per_pair"
+        )
+        policy_inputs = (params["policy"], stats)
+    else:
+        init, rollout = module.make_rollout(env, networks[0], args.rollout_length, episode_length)
+        policy_inputs = (params["policy"], stats)
+    carry = jax.jit(init, static_argnums=1)(key, args.num_envs)
+    carry, transitions, _ = jax.jit(rollout)(*policy_inputs, carry, key)
+    settings = (module.stage_settings(args, 0),) if module in GORL else ()
+    optimizer = optax.adam(1e-3)
+    update = module.make_update(*networks, optimizer, args)
+    _, _, metrics = jax.jit(update)(
+        params, optimizer.init(params), stats, *settings, transitions, carry.env_state.obs, key
+    )
+    assert float(metrics["clipfrac"]) == 0.0
+    assert abs(float(metrics["approx_kl"])) < 1e-7
+
+
+@pytest.mark.parametrize("module", GORL)
+def test_decoder_data_pairs_each_pre_tanh_action_with_the_observation_it_was_taken_in(module, env):
+    """Replaying the collected pairs reproduces the collection: from the start states, each env is stepped with
+    tanh(action) of the pair whose observation is its current one, and ends where the collection's carry ended."""
+    env, episode_length = env
+    key = jax.random.key(4)
+    obs_size, action_size = env.observation_size, env.action_size
+    (latent_policy, _), params = networks_and_params(module, key, obs_size, action_size)
+    decoder_network = module.ConditionalField((64,) * 4, action_size)
+    decoder = module.identity_decoder(decoder_network, key, obs_size, action_size)
+    init, rollout = module.make_rollout(env, latent_policy, decoder_network, 5, episode_length)
+    start = jax.jit(init, static_argnums=1)(key, 3)
+    (obs, actions), end = module.collect_decoder_data(
+        jax.jit(rollout),
+        params["latent_policy"],
+        module.init_running_stats(obs_size),
+        decoder,
+        start,
+        key,
+        2,
+        30,
+        lambda i: None,
+    )
+    obs, actions = np.asarray(obs), np.asarray(actions)
+    assert obs.shape == (30, obs_size) and actions.shape == (30, action_size)
+    # The identity decoder passes the prior's N(0, I) latents through: pre-tanh actions leave [-1, 1].
+    assert np.abs(actions).max() > 1.0
+    step = jax.jit(jax.vmap(env.step))
+    env_state = start.env_state
+    for _ in range(10):
+        nearest = np.argmin(np.abs(np.asarray(env_state.obs)[:, None] - obs[None]).sum(-1), axis=1)
+        np.testing.assert_allclose(obs[nearest], env_state.obs, atol=1e-5)
+        env_state = step(env_state, jnp.tanh(actions[nearest]))
+    np.testing.assert_allclose(env_state.obs, end.env_state.obs, atol=1e-4)
