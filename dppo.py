@@ -14,8 +14,9 @@ step, no entropy term; critic, Brax-form advantages, minibatching and observatio
     python dppo.py --env-id CheetahRun      # the paper's configuration: 180M steps, made for a GPU
 
 How this differs from DPPO's code (github.com/irom-lab/dppo): the denoised estimate is clipped to +-3 pre-tanh (DPPO
-clips it to its +-1 action box; tanh(3) = 0.995), and the MLP is the other scripts' (32 x 4, SiLU, 8 time features),
-not DPPO's residual MLP. The GoRL authors ran a simplified "denoising MDP" in its place: a 10-step flow chain with a
+clips it to its +-1 action box; tanh(3) = 0.995); the networks, reward scaling and advantages are the other scripts'
+(DPPO: residual MLPs of 512 x 3, rewards scaled by a running std, textbook GAE); no epoch stops early at an approximate
+KL of 1 (DPPO's `target_kl`). The GoRL authors ran a simplified "denoising MDP" in its place: a 10-step flow chain with a
 fixed noise of 0.05, no likelihood clamp, no denoising discount, clip 0.2.
 
 Evaluation, as the paper's numbers were made: the stochastic policy (the chain as sampled in training); DPPO's own
