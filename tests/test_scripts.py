@@ -138,15 +138,14 @@ def test_gorl_logs_its_stages(script, learning_runs):
     # The next decoder's data came from the stage's best encoder by deterministic evaluation (ties to the later).
     with open(os.path.join(run_path, "eval.csv")) as f:
         rows = [tuple(map(float, line.split(","))) for line in f.read().splitlines()[1:]]
-    for stage, (start, end) in enumerate(zip([0, 8 * N, 12 * N, 16 * N], [8 * N, 12 * N, 16 * N, 20 * N]), start=1):
-        if stage == 4:
-            break
-        candidates = [row for row in rows if (start < row[0] <= end) or (stage == 1 and row[0] == 0)]
-        best = max(candidates, key=lambda row: (row[1], row[0]))
-        assert stages[stage]["distilled_env_steps"] == best[0] and stages[stage][
-            "distilled_eval_return"
-        ] == pytest.approx(best[1], abs=1e-3)
-        assert stages[stage]["distilled_iteration"] == (best[0] - start) // N
+    # Stage k's decoder is fitted to the best encoder of stage k - 1 by eval.csv (ties to the later evaluation); stage 0's
+    # candidates include its step-0 evaluation.
+    for previous_end, finished, stage in zip([-1] + [s["env_steps"] for s in stages], stages[:-1], stages[1:]):
+        candidates = [row for row in rows if previous_end < row[0] <= finished["env_steps"]]
+        best_steps, best_return = max(candidates, key=lambda row: (row[1], row[0]))[:2]
+        start = max(previous_end, 0)
+        assert stage["distilled_env_steps"] == best_steps and stage["distilled_iteration"] == (best_steps - start) // N
+        assert stage["distilled_eval_return"] == pytest.approx(best_return, abs=1e-3)
     assert [e.step for e in events.Scalars("stage/warm_start_return")] == [8 * N, 12 * N, 16 * N]
     assert [e.value for e in events.Scalars("stage/index")] == [0] * 8 + [1] * 4 + [2] * 4 + [3] * 4
     epochs = [e.step for e in events.Scalars("decoder/validation_loss")]

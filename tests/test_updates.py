@@ -34,48 +34,46 @@ def tiny_args(module, **overrides):
 
 
 def two_sample_batch(module, params, networks, key):
-    """(transitions (T=1, B=2), a function from params to the two samples' log-likelihoods or, for FPO, minus their
-    flow-matching losses): the rewarded sample first."""
+    """Transitions (T=1, B=2) of two samples taken in one state, the rewarded one first, and `likelihoods(params)`: what
+    the script's ratio compares for each sample (Gaussian log-likelihoods; for FPO minus the mean flow-matching loss over
+    the stored pairs; for DPPO the chain's summed step log-likelihoods)."""
+    policy = networks[0]
     obs = jnp.broadcast_to(jax.random.normal(key, (OBS_SIZE,)), (1, 2, OBS_SIZE))
     reward, termination, truncation = jnp.array([[1.0, 0.0]]), jnp.ones((1, 2)), jnp.zeros((1, 2))
-    stats = module.init_running_stats(OBS_SIZE)
-    if module in (ppo_continuous, *GORL):
-        policy = networks[0]
+    if module is fpo:
+        actions = jnp.array([[[0.5] * ACTION_SIZE, [-0.5] * ACTION_SIZE]])
+        noise, t = fpo.sample_pairs(jax.random.fold_in(key, 1), (1, 1, ACTION_SIZE), True)
+        noise, t = (jnp.broadcast_to(x, (1, 2) + x.shape[2:]) for x in (noise, t))  # the same pairs for both
+        cfm_loss = fpo.cfm_losses(policy, params["policy"], obs, actions, noise, t)
+        transitions = fpo.Transition(obs, actions, noise, t, cfm_loss, reward, termination, truncation)
+
+        def likelihoods(params):
+            return -jnp.mean(fpo.cfm_losses(policy, params["policy"], obs, actions, noise, t), axis=-1)[0]
+
+    elif module is dppo:
+        chain = dppo.sample_chain(policy, params["policy"], obs, jax.random.fold_in(key, 1), False)
+        log_prob = dppo.chain_log_probs(policy, params["policy"], obs, chain)
+        transitions = dppo.Transition(obs, chain, log_prob, reward, termination, truncation)
+
+        def likelihoods(params):
+            return jnp.sum(dppo.chain_log_probs(policy, params["policy"], obs, chain), axis=-1)[0]
+
+    else:  # PPO's actions, GoRL's latents
         name = "policy" if module is ppo_continuous else "latent_policy"
-
-        def log_probs(params):
-            mean, std = module.policy_distribution(policy.apply(params[name], obs))
-            return module.gaussian_log_prob(sample, mean, std)[0]
-
         mean, std = module.policy_distribution(policy.apply(params[name], obs))
         # One std to either side of the mean: the std's gradients cancel, so only the mean can tell them apart.
         sample = mean + jnp.array([1.0, -1.0])[None, :, None] * std
         log_prob = module.gaussian_log_prob(sample, mean, std)
         if module is ppo_continuous:
             transitions = module.Transition(obs, sample, log_prob, reward, termination, truncation)
-        else:
+        else:  # the identity decoder's action is the latent
             transitions = module.Transition(obs, sample, log_prob, sample, reward, termination, truncation)
-    elif module is fpo:
-        policy = networks[0]
-        actions = jnp.array([[[0.5] * ACTION_SIZE, [-0.5] * ACTION_SIZE]])
-        noise, t = fpo.sample_pairs(jax.random.fold_in(key, 1), (1, 1, ACTION_SIZE), True)
-        noise, t = (jnp.broadcast_to(x, (1, 2) + x.shape[2:]) for x in (noise, t))  # the same pairs for both
 
-        def log_probs(params):
-            return -jnp.mean(fpo.cfm_losses(policy, params["policy"], obs, actions, noise, t), axis=-1)[0]
+        def likelihoods(params):
+            mean, std = module.policy_distribution(policy.apply(params[name], obs))
+            return module.gaussian_log_prob(sample, mean, std)[0]
 
-        cfm_loss = fpo.cfm_losses(policy, params["policy"], obs, actions, noise, t)
-        transitions = fpo.Transition(obs, actions, noise, t, cfm_loss, reward, termination, truncation)
-    else:
-        policy = networks[0]
-        chain = dppo.sample_chain(policy, params["policy"], obs, jax.random.fold_in(key, 1), False)
-
-        def log_probs(params):
-            return jnp.sum(dppo.chain_log_probs(policy, params["policy"], obs, chain), axis=-1)[0]
-
-        log_prob = dppo.chain_log_probs(policy, params["policy"], obs, chain)
-        transitions = dppo.Transition(obs, chain, log_prob, reward, termination, truncation)
-    return transitions, log_probs, stats
+    return transitions, likelihoods, module.init_running_stats(OBS_SIZE)
 
 
 def networks_and_params(module, key, obs_size=OBS_SIZE, action_size=ACTION_SIZE):
@@ -120,10 +118,10 @@ CASES = [
 def test_update_makes_the_advantaged_action_more_likely_and_the_other_less(module, overrides, seed):
     args = tiny_args(module, **overrides)
     networks, params = networks_and_params(module, jax.random.key(seed))
-    transitions, log_probs, stats = two_sample_batch(module, params, networks, jax.random.key(100 + seed))
+    transitions, likelihoods, stats = two_sample_batch(module, params, networks, jax.random.key(100 + seed))
     settings = module.stage_settings(args, 1) if module in GORL else None
     new_params, _, _ = one_update(module, args, networks, params, transitions, stats, settings)
-    before, after = np.asarray(log_probs(params)), np.asarray(log_probs(new_params))
+    before, after = np.asarray(likelihoods(params)), np.asarray(likelihoods(new_params))
     print(f"{module.ALGO} {overrides}: {before} -> {after}")
     assert after[0] > before[0], "the action with a positive advantage became less likely"
     assert after[1] < before[1], "the action with a negative advantage became more likely"
