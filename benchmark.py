@@ -102,6 +102,14 @@ PAPER_TABLE = {
 }
 
 
+# The CPU configuration of the tests and the cpu and smoke presets: 32 envs, 16 minibatches of 32 sequences of 30
+# steps (15,360 env steps per iteration), 8 epochs, where every learner leaves the random policy far behind on
+# CartpoleSwingup.
+CPU_SIZES = ("--num-envs", 32, "--num-minibatches", 16, "--batch-size", 32, "--update-epochs", 8)
+CPU_ITERATION_STEPS = 32 * 480  # --num-envs x rollout length (16 x 32 x 30 / 32 = 480 steps per env)
+CPU_EVAL_INTERVAL = 4 * CPU_ITERATION_STEPS
+
+
 def cpu_budget(algo, iterations, decoder_pairs):
     """The arguments that give `algo` `iterations` training iterations (GoRL: four stages, as in the paper, the last
     three a fifth each: 8, 4, 4 and 4 of 20 iterations)."""
@@ -109,7 +117,7 @@ def cpu_budget(algo, iterations, decoder_pairs):
         stages = (iterations - 3 * (iterations // 5), *(iterations // 5,) * 3)
         return (
             "--stage-timesteps",
-            *(n * 32 * 480 for n in stages),
+            *(n * CPU_ITERATION_STEPS for n in stages),
             "--decoder-dataset-size",
             decoder_pairs,
             "--decoder-batch-size",
@@ -117,22 +125,27 @@ def cpu_budget(algo, iterations, decoder_pairs):
             "--decoder-epochs",
             15,
         )
-    return ("--total-timesteps", iterations * 32 * 480)
+    return ("--total-timesteps", iterations * CPU_ITERATION_STEPS)
 
 
-# 32 envs, 16 minibatches of 32 sequences of 30 steps (15,360 env steps per iteration), 8 epochs: the CPU
-# configuration of the tests, where every learner leaves the random policy far behind on CartpoleSwingup.
-CPU_SIZES = ("--num-envs", 32, "--num-minibatches", 16, "--batch-size", 32, "--update-epochs", 8)
 PRESETS = {
-    # The paper's protocol: every script's defaults are the paper's configuration (180M steps; GoRL 60/60/30/30M).
-    "paper": {"env_ids": PAPER_TASKS, "seeds": (1, 2, 3, 4, 5), "args": {algo: () for algo in ALGOS}},
+    # The paper's protocol: every script's defaults are the paper's configuration (180M steps; GoRL 60/60/30/30M);
+    # hours of GPU time per run, so each keeps its final model.
+    "paper": {"env_ids": PAPER_TASKS, "seeds": (1, 2, 3, 4, 5), "args": {algo: ("--save-model",) for algo in ALGOS}},
     # The same grid shrunk for a 2-core CPU: 2 seeds, 245,760 env steps per run (16 iterations; GoRL in stages of
     # 7, 3, 3 and 3 with 100,000 decoder pairs), 16 evaluation episodes every 61,440 steps.
     "cpu": {
         "env_ids": PAPER_TASKS,
         "seeds": (1, 2),
         "args": {
-            algo: (*CPU_SIZES, "--num-eval-envs", 16, "--eval-interval", 4 * 32 * 480, *cpu_budget(algo, 16, 100_000))
+            algo: (
+                *CPU_SIZES,
+                "--num-eval-envs",
+                16,
+                "--eval-interval",
+                CPU_EVAL_INTERVAL,
+                *cpu_budget(algo, 16, 100_000),
+            )
             for algo in ALGOS
         },
     },
@@ -148,7 +161,7 @@ PRESETS = {
                 "--num-eval-envs",
                 32,
                 "--eval-interval",
-                4 * 32 * 480,
+                CPU_EVAL_INTERVAL,
                 "--save-model",
                 *cpu_budget(algo, 20, 40_000),
             )
@@ -158,15 +171,28 @@ PRESETS = {
 }
 
 
+def cell_command(preset, algo, env_id, seed, out):
+    """The command that runs one cell of the grid under out/runs: the interrupted run's --resume where one left a
+    checkpoint, else a new run."""
+    script = os.path.join(ROOT, f"{algo}.py")
+    interrupted = [
+        os.path.dirname(path)
+        for path in glob.glob(os.path.join(out, "runs", f"{env_id}__{algo}__{seed}__*", "checkpoint.msgpack"))
+        if not os.path.exists(os.path.join(os.path.dirname(path), "summary.json"))
+    ]
+    if interrupted:
+        return [sys.executable, script, "--resume", max(interrupted, key=os.path.getmtime)]
+    command = [sys.executable, script, "--env-id", env_id, "--seed", str(seed)]
+    return command + [*map(str, PRESETS[preset]["args"][algo]), "--run-dir", os.path.join(out, "runs")]
+
+
 def grid(preset, algos, env_ids, seeds, out):
-    """[(algo, env_id, seed, command)] for every cell of the grid, each run writing under out/runs."""
+    """[(algo, env_id, seed, command)] for every cell of the grid."""
     cells = []
     for env_id in env_ids:
         for algo in algos:
             for seed in seeds:
-                command = [sys.executable, os.path.join(ROOT, f"{algo}.py"), "--env-id", env_id, "--seed", str(seed)]
-                command += [*map(str, PRESETS[preset]["args"][algo]), "--run-dir", os.path.join(out, "runs")]
-                cells.append((algo, env_id, seed, command))
+                cells.append((algo, env_id, seed, cell_command(preset, algo, env_id, seed, out)))
     return cells
 
 
@@ -174,7 +200,32 @@ def finished(out, algo, env_id, seed):
     return bool(glob.glob(os.path.join(out, "runs", f"{env_id}__{algo}__{seed}__*", "summary.json")))
 
 
+def visible_gpus():
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES where set, else those nvidia-smi lists (none without it)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        return [d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    try:
+        listed = subprocess.run(["nvidia-smi", "--list-gpus"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(listed.splitlines()) if line.startswith("GPU ")]
+
+
+def job_environment(slot, jobs, gpus):
+    """Environment variables of the run in job slot `slot` of `jobs`: with several jobs, each slot gets one GPU
+    (round-robin), and JAX allocates GPU memory as it needs it instead of taking 75% of it up front, so that jobs
+    sharing a GPU do not run each other out of memory."""
+    if jobs == 1:
+        return {}
+    environment = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    if gpus:
+        environment["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+    return environment
+
+
 def slurm_script(out, commands_file, num_tasks, options):
+    """A job array, one task per unfinished run. A task stopped by preemption or by its time limit (Slurm sends SIGTERM,
+    the run writes a checkpoint and exits with 143) is requeued, and its command then resumes the run."""
     lines = [
         "#!/bin/bash",
         "#SBATCH --job-name=gorl-benchmark",
@@ -183,12 +234,17 @@ def slurm_script(out, commands_file, num_tasks, options):
         "#SBATCH --gres=gpu:1",
         "#SBATCH --cpus-per-task=8",
         "#SBATCH --time=48:00:00",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=TERM@300",
         *(f"#SBATCH {option}" for option in options),
         "# One run of the grid per array task; when all have finished: python benchmark.py summarize " + out,
-        "set -euo pipefail",
+        "set -uo pipefail",
         f"cd {shlex.quote(ROOT)}",
         f"export JAX_COMPILATION_CACHE_DIR={shlex.quote(os.path.join(ROOT, '.cache', 'jax'))}",
-        f'eval "$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(commands_file)})"',
+        f'srun bash -c "$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(commands_file)})"',
+        "status=$?",
+        'if [ "$status" -eq 143 ]; then scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"; fi',
+        'exit "$status"',
     ]
     return "\n".join(lines) + "\n"
 
@@ -210,7 +266,14 @@ def returns(args):
         os.makedirs(os.path.join(out, "slurm"), exist_ok=True)
         commands_file = os.path.join(out, "slurm", "commands.txt")
         with open(commands_file, "w") as f:
-            f.writelines(shlex.join(command) + "\n" for *_, command in todo)
+            # Each task works out its command when it starts, so that a requeued task resumes its run.
+            f.writelines(
+                shlex.join(
+                    [sys.executable, os.path.abspath(__file__), "_cell", args.preset, algo, env_id, str(seed), out]
+                )
+                + "\n"
+                for algo, env_id, seed, _ in todo
+            )
         sbatch = os.path.join(out, "slurm", "grid.sbatch")
         with open(sbatch, "w") as f:
             f.write(slurm_script(out, commands_file, max(len(todo), 1), args.slurm_option))
@@ -225,18 +288,25 @@ def returns(args):
 
 
 def run_locally(cells, out, jobs):
-    """Run the commands, `jobs` at a time, each logging to out/logs; returns the logs of the runs that failed."""
-    pending, running, failed = list(cells), [], []
+    """Run the commands, `jobs` at a time (each on its own GPU where there are several), each logging to out/logs;
+    returns the logs of the runs that failed."""
+    pending, running, failed, gpus = list(cells), {}, [], visible_gpus()
     while pending or running:
-        while pending and len(running) < jobs:
+        for slot in [slot for slot in range(jobs) if slot not in running][: len(pending)]:
             algo, env_id, seed, command = pending.pop(0)
             log_path = os.path.join(out, "logs", f"{env_id}__{algo}__{seed}.log")
-            log = open(log_path, "w")
-            print(f"start  {algo} on {env_id}, seed {seed} (log: {log_path})", flush=True)
-            running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log, log_path))
+            log = open(log_path, "a")
+            environment = job_environment(slot, jobs, gpus)
+            device = f", GPU {environment['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in environment else ""
+            resumed = " (resumed)" if "--resume" in command else ""
+            print(f"start  {algo} on {env_id}, seed {seed}{resumed}{device} (log: {log_path})", flush=True)
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **environment}
+            )
+            running[slot] = process, log, log_path
         time.sleep(1.0)
-        for process, log, log_path in [r for r in running if r[0].poll() is not None]:
-            running.remove((process, log, log_path))
+        for slot, (process, log, log_path) in [(s, r) for s, r in running.items() if r[0].poll() is not None]:
+            del running[slot]
             log.close()
             print(f"{'done ' if process.returncode == 0 else 'FAILED'} {log_path}", flush=True)
             if process.returncode != 0:
@@ -399,33 +469,20 @@ def mean_time(fn, state, next_state, warmup=2, calls=5):
 
 
 def rollout_alone(module, env, episode_length):
-    """The script's rollout, the function that makes its first carry, and freshly initialised network inputs (as its
-    main() builds them) for rollout(*inputs, carry, key). The inputs are arguments, not constants baked into the
-    program, so that XLA cannot fold them (GoRL(Diff)'s stage-0 decoder would skip its whole chain)."""
+    """The script's rollout, the function that makes its first carry, and the network inputs its main() builds (from
+    the script's own make_networks) for rollout(*inputs, carry, key). The inputs are arguments, not constants baked
+    into the program, so that XLA cannot fold them (GoRL(Diff)'s stage-0 decoder would skip its whole chain)."""
     import jax
-    import jax.numpy as jnp
 
-    key, obs_size, action_size = jax.random.key(0), env.observation_size, env.action_size
-    obs_stats = module.init_running_stats(obs_size)
-    dummy_inputs = (jnp.zeros((1, obs_size)), jnp.zeros((1, action_size)), jnp.zeros((1, 1)))
-    if module.ALGO.startswith("gorl"):
-        latent_policy = module.MLP((32,) * 4 + (2 * action_size,))
-        decoder_network = module.ConditionalField((64,) * 4, action_size)
-        decoder = module.identity_decoder(decoder_network, key, obs_size, action_size)
-        params = module.prior_params(latent_policy, key, obs_size)
-        init, rollout = module.make_rollout(env, latent_policy, decoder_network, SPEED_ROLLOUT_LENGTH, episode_length)
-        return init, rollout, (params, obs_stats, decoder)
-    if module.ALGO == "ppo_continuous":
-        policy = module.MLP((32,) * 4 + (2 * action_size,))
-        params = policy.init(key, dummy_inputs[0])
-    elif module.ALGO == "fpo":
-        policy = module.ConditionalField((32,) * 4, action_size, output_scale=0.25)
-        params = policy.init(key, *dummy_inputs)
-    else:
-        policy = module.ConditionalField((32,) * 4, action_size)
-        params = policy.init(key, *dummy_inputs)
+    key = jax.random.key(0)
+    (policy, _, *decoder_network), params = module.make_networks(env, key)
+    obs_stats = module.init_running_stats(env.observation_size)
+    if decoder_network:  # GoRL: the latent policy acts through the stage-0 decoder
+        decoder = module.identity_decoder(*decoder_network, key, env.observation_size, env.action_size)
+        init, rollout = module.make_rollout(env, policy, *decoder_network, SPEED_ROLLOUT_LENGTH, episode_length)
+        return init, rollout, (params["latent_policy"], obs_stats, decoder)
     init, rollout = module.make_rollout(env, policy, SPEED_ROLLOUT_LENGTH, episode_length)
-    return init, rollout, (params, obs_stats)
+    return init, rollout, (params["policy"], obs_stats)
 
 
 def measure_stepping(script, env_id, impl):
@@ -547,6 +604,9 @@ def main(argv=None):
     speed_parser.add_argument("--impls", nargs="+", default=["jax", "warp"], choices=["jax", "warp"])
     speed_parser.add_argument("--out", help="also write the measurements to this JSON file")
     speed_parser.add_argument("--timeout", type=int, default=3600, help="seconds allowed per measurement")
+    cell_parser = commands.add_parser("_cell")  # one run of a grid, new or resumed (used by --slurm's array tasks)
+    for name in ("preset", "algo", "env_id", "seed", "out"):
+        cell_parser.add_argument(name)
     stepping_parser = commands.add_parser("_stepping")  # one measurement, in its own process (used by `speed`)
     stepping_parser.add_argument("script")
     stepping_parser.add_argument("env_id")
@@ -560,6 +620,9 @@ def main(argv=None):
         summarize_folder(args.folder, args.out or args.folder)
     elif args.command == "speed":
         speed(args)
+    elif args.command == "_cell":
+        command = cell_command(args.preset, args.algo, args.env_id, int(args.seed), args.out)
+        os.execv(command[0], command)
     else:
         sys.path.insert(0, ROOT)
         print(json.dumps(measure_stepping(args.script, args.env_id, args.impl)))

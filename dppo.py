@@ -27,14 +27,24 @@ Fixed against the authors' code (see README.md): the running observation varianc
 variance at every update), fresh random start states for every episode (theirs replayed one start per env), and
 advantage normalisation over the steps that have an advantage; the stored likelihoods are computed with the
 statistics the update uses, so every ratio starts at exactly 1.
+
+Shapes in comments: B envs stepped in parallel, T steps per env in one rollout, U steps per sequence (the unroll),
+N sequences in a minibatch (or pairs in a decoder batch), O observation size, A action size (GoRL's latent has it
+too), M (noise, time) pairs per action, K denoising steps or diffusion levels.
+
+Sources: GoRL, arXiv 2512.02581, and its authors' code, github.com/bennidict23/GoRL; FPO, arXiv 2507.21053,
+github.com/akanazawa/fpo; DPPO, arXiv 2409.00588, github.com/irom-lab/dppo; PPO, arXiv 1707.06347, in the form of
+Brax's PPO (github.com/google/brax, brax/training/agents/ppo/losses.py); MuJoCo Playground,
+github.com/google-deepmind/mujoco_playground.
 """
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from typing import Any, Literal, NamedTuple, Optional, Sequence
 
@@ -42,6 +52,7 @@ import flax.linen as nn
 import flax.serialization
 import jax
 import jax.numpy as jnp
+import mujoco
 import numpy as np
 import optax
 import tyro
@@ -75,6 +86,11 @@ class Args:
     """the folder that receives one sub-folder per run"""
     save_model: bool = False
     """save the policy to `model.msgpack` in the run folder (at every evaluation, so a crash keeps the last one)"""
+    resume: Optional[str] = None
+    """continue the interrupted run in this run folder from its last checkpoint, exactly as if it had not stopped
+    (every other option is the run's own, from its config.json)"""
+    checkpoint_interval: float = 10.0
+    """minutes between checkpoints besides the one at every evaluation (SIGTERM and SIGINT also write one)"""
     load_model: Optional[str] = None
     """start from a `model.msgpack` saved by this script, counting env steps on from the step it was saved at; with
     `--total-timesteps 0` it is only evaluated (on the episodes its own run evaluated it on)"""
@@ -221,12 +237,27 @@ def gaussian_log_prob_per_dim(x, mean, std):
     return -0.5 * ((x - mean) / std) ** 2 - 0.5 * jnp.log(2 * jnp.pi) - jnp.log(std)
 
 
+def make_networks(env, key):
+    """The policy's denoiser mu(s, x_k, k) and the critic, and their initial parameters."""
+    policy_key, critic_key = jax.random.split(key)
+    policy = ConditionalField((32,) * 4, env.action_size)
+    critic = MLP((256,) * 5 + (1,))
+    dummy_obs, dummy_action = jnp.zeros((1, env.observation_size)), jnp.zeros((1, env.action_size))
+    params = {
+        "policy": policy.init(policy_key, dummy_obs, dummy_action, jnp.zeros((1, 1))),
+        "critic": critic.init(critic_key, dummy_obs),
+    }
+    return (policy, critic), params
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Environment
 
 
 def make_env(env_id, impl):
     """The Playground env with the chosen physics implementation, and its episode length (time limit)."""
+    if not hasattr(mujoco.MjSpec, "find_body"):  # playground 0.2.0's Reacher calls what mujoco 3.17 calls MjSpec.body
+        mujoco.MjSpec.find_body = mujoco.MjSpec.body
     config = registry.get_default_config(env_id)
     config.impl = impl
     return registry.load(env_id, config=config), config.episode_length
@@ -280,28 +311,6 @@ class Transition(NamedTuple):
 
 
 def make_rollout(env, policy, num_steps, episode_length):
-    # MJX-Warp keeps some buffers shared by all envs (no env axis); auto-reset must leave those leaves alone.
-    single_state = jax.eval_shape(env.reset, jax.random.key(0))
-
-    def reset_where(done, reset_state, state):
-        def select(single, reset_leaf, leaf):
-            if leaf.shape != done.shape + single.shape:
-                return leaf
-            return jnp.where(done.reshape(done.shape + (1,) * len(single.shape)), reset_leaf, leaf)
-
-        return jax.tree.map(select, single_state, reset_state, state)
-
-    def auto_reset(done, env_state, key):
-        """Fresh start states for the envs whose episode ended (`done`), so that every episode begins from a new random
-        state. They are made only in the steps where an episode ends (at the time limit, all envs at once): a reset can
-        cost many physics steps (CheetahRun's settles for 200)."""
-
-        def reset(env_state):
-            reset_state = jax.vmap(env.reset)(jax.random.split(key, done.shape[0]))
-            return reset_where(done, reset_state, env_state)
-
-        return lax.cond(jnp.any(done), reset, lambda env_state: env_state, env_state)
-
     def init(key, num_envs):
         env_state = jax.vmap(env.reset)(jax.random.split(key, num_envs))
         # Reset leaves `data.time` weak-typed where env.step makes it strong: cast once so the iteration compiles once.
@@ -337,6 +346,28 @@ def make_rollout(env, policy, num_steps, episode_length):
         carry, (transitions, finished_returns) = lax.scan(step, carry, keys)
         return carry, transitions, finished_returns
 
+    def auto_reset(done, env_state, key):
+        """Fresh start states for the envs whose episode ended (`done`), so that every episode begins from a new random
+        state. They are made only in the steps where an episode ends (at the time limit, all envs at once): a reset can
+        cost many physics steps (CheetahRun's settles for 200)."""
+
+        def reset(env_state):
+            reset_state = jax.vmap(env.reset)(jax.random.split(key, done.shape[0]))
+            return reset_where(done, reset_state, env_state)
+
+        return lax.cond(jnp.any(done), reset, lambda env_state: env_state, env_state)
+
+    # MJX-Warp keeps some buffers shared by all envs (no env axis): auto-reset leaves those leaves alone.
+    single_state = jax.eval_shape(env.reset, jax.random.key(0))
+
+    def reset_where(done, reset_state, state):
+        def select(single, reset_leaf, leaf):
+            if leaf.shape != done.shape + single.shape:
+                return leaf
+            return jnp.where(done.reshape(done.shape + (1,) * len(single.shape)), reset_leaf, leaf)
+
+        return jax.tree.map(select, single_state, reset_state, state)
+
     return init, rollout
 
 
@@ -345,7 +376,7 @@ def make_rollout(env, policy, num_steps, episode_length):
 
 
 def compute_advantages(rewards, values, bootstrap_value, termination, truncation, gamma, gae_lambda):
-    """Brax-form advantages over time-major (U, N) sequences.
+    """Brax-form advantages over time-major (U, N) sequences (brax/training/agents/ppo/losses.py, compute_gae).
 
     The value targets are TD(lambda) returns; the advantage is r_t + gamma * target_{t+1} - V_t. Termination stops
     bootstrapping; a truncated step (its successor is already a reset state) gets neither target error nor advantage,
@@ -406,6 +437,8 @@ def make_update(policy, critic, optimizer, args):
         ratio = jnp.exp(log_ratio)
         clipped_ratio = jnp.clip(ratio, 1.0 - args.clip_eps, 1.0 + args.clip_eps)
         advantages = advantages[..., None] * args.denoising_gamma ** jnp.arange(NUM_DENOISING_STEPS - 1, -1, -1)
+        # PPO's clipped surrogate on every denoising step of the chain, DPPO's two-layer MDP (arXiv 2409.00588, Sec. 4);
+        # the value term as in Brax's PPO losses.
         policy_loss = -jnp.mean(jnp.minimum(ratio * advantages, clipped_ratio * advantages))
         value_loss = jnp.mean((value_targets - values) ** 2)
         loss = policy_loss + args.vf_coef * value_loss
@@ -498,6 +531,280 @@ def make_evaluate(env, policy, num_eval_envs, episode_length):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The run: files, checkpoints and the loop over training iterations (word for word the same in every script)
+
+
+def write_atomic(path, data):
+    """Replace the file `path` with `data` (text or bytes) in one step: a crash leaves the old file or the new one."""
+    with open(path + ".tmp", "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def is_key(x):
+    return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def save_arrays(path, header, tree):
+    """One msgpack file: a JSON header and every array of `tree`, named by its place in the tree (keys as raw data)."""
+    arrays = {
+        jax.tree_util.keystr(place): np.asarray(jax.random.key_data(x) if is_key(x) else x)
+        for place, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+    write_atomic(path, flax.serialization.msgpack_serialize({"header": json.dumps(header), "arrays": arrays}))
+
+
+def read_arrays(path, option, env_id, kind):
+    """The header and arrays of a file save_arrays wrote for this script and task; exits with one line if it is not."""
+    try:
+        with open(path, "rb") as f:
+            saved = flax.serialization.msgpack_restore(f.read())
+        header, arrays = json.loads(saved["header"]), saved["arrays"]
+    except FileNotFoundError:
+        sys.exit(f"error: {option} {path}: no such file")
+    except Exception as e:
+        sys.exit(f"error: {option} {path} is not a readable {kind} file ({type(e).__name__}: {e})")
+    if (header.get("algo"), header.get("env_id"), header.get("kind")) != (ALGO, env_id, kind):
+        sys.exit(
+            f"error: {option} {path} holds a {header.get('algo')} {header.get('kind')} for {header.get('env_id')}, "
+            f"not a {ALGO} {kind} for {env_id}"
+        )
+    return header, arrays
+
+
+def restore_arrays(arrays, target, option):
+    """A tree shaped like `target` with the saved arrays; exits with one line if they do not fit its shapes."""
+    leaves = []
+    places, structure = jax.tree_util.tree_flatten_with_path(target)
+    for place, x in places:
+        name, expected = jax.tree_util.keystr(place), jax.random.key_data(x) if is_key(x) else x
+        saved = arrays.get(name)
+        if saved is None or saved.shape != expected.shape or saved.dtype != expected.dtype:
+            sys.exit(f"error: {option} does not match the networks and sizes of this configuration (at {name})")
+        leaves.append(jax.random.wrap_key_data(saved) if is_key(x) else jnp.asarray(saved))
+    return jax.tree.unflatten(structure, leaves)
+
+
+def save_model(path, args, env_steps, model):
+    save_arrays(path, {"algo": ALGO, "env_id": args.env_id, "kind": "model", "env_steps": env_steps}, model)
+
+
+def load_model(path, args, model):
+    """(env_steps, model) from a file of --save-model, shaped like `model`; exits with one line if it does not fit."""
+    header, arrays = read_arrays(path, "--load-model", args.env_id, "model")
+    return header["env_steps"], restore_arrays(arrays, model, f"--load-model {path}")
+
+
+def read_checkpoint(run_path):
+    """The arguments of the interrupted run in `run_path` (its config.json) and its checkpoint (progress, arrays);
+    exits with one line if there is nothing of this script's there to continue."""
+    if os.path.exists(os.path.join(run_path, "summary.json")):
+        sys.exit(f"error: --resume {run_path}: that run has finished (it wrote summary.json); nothing to continue")
+    try:
+        with open(os.path.join(run_path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: --resume {run_path}: not a run folder with a readable config.json ({e})")
+    saved = {f.name: config[f.name] for f in fields(Args) if f.init and f.name in config}
+    args = Args(**{name: tuple(value) if isinstance(value, list) else value for name, value in saved.items()})
+    args.resume, args.load_model = run_path, None  # the checkpoint holds whatever the run had loaded
+    header, arrays = read_arrays(os.path.join(run_path, "checkpoint.msgpack"), "--resume", args.env_id, "checkpoint")
+    return args, (header["progress"], arrays)
+
+
+def run_metadata():
+    versions = {
+        p: metadata.version(p) for p in ("jax", "jaxlib", "flax", "optax", "mujoco", "mujoco-mjx", "playground")
+    }
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"versions": versions, "git_commit": commit}
+
+
+class Run:
+    """The host side of a run: its folder (config.json, eval.csv, TensorBoard, model.msgpack, checkpoint.msgpack,
+    summary.json), the loop over training iterations, and the signals that stop it with a checkpoint."""
+
+    def __init__(self, args, start_steps, checkpoint):
+        """A new run folder, or with `checkpoint` (from read_checkpoint) the interrupted run's, continued."""
+        self.args, self.start_time, self.compile_time, self.stop_signal = args, time.time(), 0.0, None
+        self.progress = checkpoint[0] if checkpoint else {}
+        self.env_steps = self.progress.get("env_steps", start_steps)
+        self.start_steps = self.progress.get("start_steps", start_steps)
+        self.train_time = self.progress.get("train_time", 0.0)
+        self.previous_time = self.progress.get("elapsed", 0.0)
+        self.eval_rows = self.progress.get("eval_rows", [])
+        run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        self.path = args.resume or os.path.join(args.run_dir, run_name)
+        if not args.resume:
+            try:
+                os.makedirs(self.path)
+            except OSError as e:
+                sys.exit(f"error: cannot make the run folder {self.path} ({e.strerror}); nothing was written")
+            write_atomic(
+                os.path.join(self.path, "config.json"), json.dumps({**asdict(args), **run_metadata()}, indent=2)
+            )
+        if args.track:
+            import wandb
+
+            wandb.init(
+                project=args.wandb_project_name,
+                entity=args.wandb_entity,
+                name=os.path.basename(self.path),
+                id=os.path.basename(self.path),
+                resume="allow",
+                config=asdict(args),
+                sync_tensorboard=True,
+                save_code=True,
+            )
+        # A resumed run hides what the interrupted one logged after its checkpoint, so no step is shown twice.
+        self.writer = SummaryWriter(self.path, purge_step=self.env_steps + 1 if args.resume else None)
+        if not args.resume:
+            self.writer.add_text(
+                "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+            )
+        self.checkpoint_time = time.time()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.request_stop)
+        print(f"run folder: {self.path}" + (f" (resumed at env step {self.env_steps:,})" if args.resume else ""))
+
+    def request_stop(self, signum, frame):
+        """The first SIGTERM or SIGINT stops the run at the end of the iteration, with a checkpoint; a second ends the
+        process at once."""
+        self.stop_signal = signum
+        for other in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(other, signal.SIG_DFL)
+
+    def stop_if_requested(self):
+        if self.stop_signal is not None:
+            self.writer.close()
+            print(
+                f"stopped by {signal.Signals(self.stop_signal).name} at env step {self.env_steps:,}; continue with: "
+                f"python {sys.argv[0]} --resume {self.path}"
+            )
+            sys.exit(128 + self.stop_signal)
+
+    def log_evaluation(self, returns, model):
+        """Log the returns (one array per mode of EVAL_MODES) of `model` evaluated at this env step."""
+        self.eval_rows.append((self.env_steps, *(float(f(r)) for r in returns for f in (np.mean, np.std))))
+        self.writer.add_scalar("eval/episodic_return", returns[0].mean(), self.env_steps)
+        self.writer.add_scalar("eval/episodic_return_std", returns[0].std(), self.env_steps)
+        self.writer.add_scalar(f"eval/{EVAL_MODES[1]}_episodic_return", returns[1].mean(), self.env_steps)
+        write_atomic(
+            os.path.join(self.path, "eval.csv"),
+            f"env_steps,eval_return_mean,eval_return_std,{EVAL_MODES[1]}_return_mean,{EVAL_MODES[1]}_return_std\n"
+            + "".join(f"{row[0]}," + ",".join(f"{x:.4f}" for x in row[1:]) + "\n" for row in self.eval_rows),
+        )
+        if self.args.save_model:
+            save_model(os.path.join(self.path, "model.msgpack"), self.args, self.env_steps, model)
+        sps = (self.env_steps - self.start_steps) / self.train_time if self.train_time > 0 else 0.0
+        elapsed = time.strftime("%H:%M:%S", time.gmtime(self.previous_time + time.time() - self.start_time))
+        print(
+            f"eval  step {self.env_steps:>12,} | return {returns[0].mean():8.2f} +- {returns[0].std():7.2f} | "
+            f"{EVAL_MODES[1]} {returns[1].mean():8.2f} | SPS {sps:9,.0f} | {elapsed}"
+        )
+
+    def checkpoint(self, progress, tree):
+        """Replace the run's checkpoint with everything --resume needs to continue exactly from here."""
+        progress = {
+            **progress,
+            "env_steps": self.env_steps,
+            "start_steps": self.start_steps,
+            "train_time": self.train_time,
+            "elapsed": self.previous_time + time.time() - self.start_time,
+            "eval_rows": self.eval_rows,
+        }
+        header = {"algo": ALGO, "env_id": self.args.env_id, "kind": "checkpoint", "progress": progress}
+        save_arrays(os.path.join(self.path, "checkpoint.msgpack"), header, tree)
+        self.checkpoint_time = time.time()
+
+    def train(self, train_iteration, state, iterations, evaluate, resume_point, label=""):
+        """Run the training iterations `iterations` (a range, numbered within the stage): evaluate each time training
+        crosses a multiple of --eval-interval and after the last, and checkpoint at every evaluation, every
+        --checkpoint-interval minutes and on a stop signal (then stop). `evaluate(iteration, state)` and
+        `resume_point(iteration, state) -> (progress, arrays)` are the script's."""
+        args, steps_per_iteration = self.args, self.args.num_envs * self.args.rollout_length
+        for iteration in iterations:
+            iteration_start = time.time()
+            state, metrics = train_iteration(state)
+            metrics = jax.device_get(metrics)  # the one host sync of the iteration
+            iteration_time = time.time() - iteration_start
+            self.train_time += iteration_time
+            self.env_steps += steps_per_iteration
+            if not metrics["finite"]:
+                self.writer.close()
+                sys.exit(
+                    f"error: non-finite loss or parameters at {label}iteration {iteration} (env step "
+                    f"{self.env_steps:,}); training stopped, the logs and the last saved model in {self.path} are kept"
+                )
+            for name, value in metrics.items():
+                if name not in ("finite", "train_episode_return"):
+                    self.writer.add_scalar(f"losses/{name}", value, self.env_steps)
+            if np.isfinite(metrics["train_episode_return"]):
+                self.writer.add_scalar("charts/episodic_return", metrics["train_episode_return"], self.env_steps)
+            self.writer.add_scalar("charts/SPS", steps_per_iteration / iteration_time, self.env_steps)
+            print(
+                f"{label}iter {iteration:>4}/{iterations[-1]} | step {self.env_steps:>12,} | loss "
+                f"{metrics['loss']:8.4f} | SPS {steps_per_iteration / iteration_time:9,.0f}"
+            )
+            crossed = (
+                self.env_steps // args.eval_interval > (self.env_steps - steps_per_iteration) // args.eval_interval
+            )
+            if iteration == iterations[-1] or crossed:
+                evaluate(iteration, state)
+                self.checkpoint(*resume_point(iteration, state))
+            elif self.stop_signal is not None or time.time() - self.checkpoint_time > 60 * args.checkpoint_interval:
+                self.checkpoint(*resume_point(iteration, state))
+            self.stop_if_requested()
+        return state
+
+    def finish(self, summary):
+        """Write summary.json: the final evaluation's figures, the run's clocks and the script's own `summary`."""
+        final_steps, final_mean, final_std, other_mean, other_std = self.eval_rows[-1]
+        summary = {
+            "env_id": self.args.env_id,
+            "algo": ALGO,
+            "seed": self.args.seed,
+            "env_steps": final_steps,
+            "eval_mode": EVAL_MODES[0],
+            "final_eval_return": final_mean,
+            "final_eval_return_std": final_std,
+            "best_eval_return": max(row[1] for row in self.eval_rows),
+            f"final_{EVAL_MODES[1]}_eval_return": other_mean,
+            f"final_{EVAL_MODES[1]}_eval_return_std": other_std,
+            "wall_time_s": self.previous_time + time.time() - self.start_time,
+            "compile_time_s": self.compile_time,
+            "train_sps": (final_steps - self.start_steps) / self.train_time if self.train_time > 0 else 0.0,
+            **summary,
+        }
+        write_atomic(os.path.join(self.path, "summary.json"), json.dumps(summary, indent=2))
+        self.writer.close()
+        print(f"final return {final_mean:.2f} +- {final_std:.2f}; results in {self.path}")
+
+
+def check_run_args(args):
+    """The options every script shares: exit with one line naming the problem, before anything is written."""
+    if args.checkpoint_interval <= 0:
+        sys.exit(f"error: --checkpoint-interval must be positive, got {args.checkpoint_interval}")
+    if args.load_model is not None and not os.path.isfile(args.load_model):
+        sys.exit(f"error: --load-model {args.load_model}: no such file")
+    if not args.resume:
+        existing = os.path.abspath(args.run_dir)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+            sys.exit(f"error: --run-dir {args.run_dir}: cannot write there ({existing} is not a writable folder)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # main
 
 
@@ -527,8 +834,7 @@ def check_args(args):
         sys.exit(f"error: --gamma must be in (0, 1], got {args.gamma}")
     if min(args.learning_rate, args.critic_learning_rate, args.clip_eps, args.max_grad_norm) <= 0:
         sys.exit("error: --learning-rate, --critic-learning-rate, --clip-eps and --max-grad-norm must be positive")
-    if args.load_model is not None and not os.path.isfile(args.load_model):
-        sys.exit(f"error: --load-model {args.load_model}: no such file")
+    check_run_args(args)
     args.rollout_length = args.num_minibatches * args.batch_size * args.unroll_length // args.num_envs
     args.num_iterations = args.total_timesteps // (args.num_envs * args.rollout_length)
     if args.total_timesteps > 0 and args.num_iterations == 0:
@@ -538,79 +844,17 @@ def check_args(args):
         )
 
 
-def write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-def save_model(path, args, env_steps, params, obs_stats):
-    payload = {"algo": ALGO, "env_id": args.env_id, "env_steps": env_steps, "params": params, "obs_stats": obs_stats}
-    with open(path + ".tmp", "wb") as f:
-        f.write(flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(payload)))
-    os.replace(path + ".tmp", path)
-
-
-def load_model(path, args, params, obs_stats):
-    """The (env_steps, params, obs_stats) saved in `path`, checked against this task's networks; exits with one line if
-    not."""
-    try:
-        with open(path, "rb") as f:
-            saved = flax.serialization.msgpack_restore(f.read())
-        if not isinstance(saved, dict) or "params" not in saved:
-            raise ValueError("not a model saved by --save-model")
-    except Exception as e:
-        sys.exit(f"error: --load-model {path} is not a readable model file ({e})")
-    if saved.get("algo") != ALGO or saved.get("env_id") != args.env_id:
-        sys.exit(
-            f"error: --load-model {path} holds a {saved.get('algo')} model for {saved.get('env_id')}, "
-            f"not {ALGO} for {args.env_id}"
-        )
-    target = {"params": params, "obs_stats": obs_stats}
-    try:
-        restored = flax.serialization.from_state_dict(target, {k: saved[k] for k in target})
-        mismatch = jax.tree.leaves(jax.tree.map(lambda a, b: np.shape(a) != np.shape(b), target, restored))
-        if any(mismatch):
-            raise ValueError("array shapes differ")
-    except Exception as e:
-        sys.exit(f"error: --load-model {path} does not match the networks of this configuration ({e})")
-    return int(saved.get("env_steps", 0)), restored["params"], restored["obs_stats"]
-
-
-def run_metadata():
-    versions = {
-        p: metadata.version(p) for p in ("jax", "jaxlib", "flax", "optax", "mujoco", "mujoco-mjx", "playground")
-    }
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {"versions": versions, "git_commit": commit}
-
-
 def main(args):
-    start_time = time.time()
+    args, checkpoint = read_checkpoint(args.resume) if args.resume else (args, None)
     check_args(args)
     key = jax.random.key(args.seed)
-    policy_key, critic_key, env_key, eval_key, train_key = jax.random.split(key, 5)
+    network_key, env_key, eval_key, train_key = jax.random.split(key, 4)
     env, episode_length = make_env(args.env_id, args.impl)
-    policy = ConditionalField((32,) * 4, env.action_size)
-    critic = MLP((256,) * 5 + (1,))
-    dummy_obs, dummy_action = jnp.zeros((1, env.observation_size)), jnp.zeros((1, env.action_size))
-    params = {
-        "policy": policy.init(policy_key, dummy_obs, dummy_action, jnp.zeros((1, 1))),
-        "critic": critic.init(critic_key, dummy_obs),
-    }
-    obs_stats = init_running_stats(env.observation_size)
+    (policy, critic), params = make_networks(env, network_key)
+    model = {"params": params, "obs_stats": init_running_stats(env.observation_size)}
     start_steps = 0
     if args.load_model:
-        start_steps, params, obs_stats = load_model(args.load_model, args, params, obs_stats)
+        start_steps, model = load_model(args.load_model, args, model)
     optimizer = optax.chain(
         optax.clip_by_global_norm(args.max_grad_norm),
         optax.multi_transform(
@@ -618,122 +862,48 @@ def main(args):
             {"policy": "policy", "critic": "critic"},
         ),
     )
-
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_path = os.path.join(args.run_dir, run_name)
-    os.makedirs(run_path)
-    write_atomic(os.path.join(run_path, "config.json"), json.dumps({**asdict(args), **run_metadata()}, indent=2))
-    if args.track:
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            name=run_name,
-            config=asdict(args),
-            sync_tensorboard=True,
-            save_code=True,
-        )
-    writer = SummaryWriter(run_path)
-    writer.add_text(
-        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-    )
-    print(f"run folder: {run_path}")
-
     init_rollout, rollout = make_rollout(env, policy, args.rollout_length, episode_length)
     update = make_update(policy, critic, optimizer, args)
     evaluate = make_evaluate(env, policy, args.num_eval_envs, episode_length)
+    run = Run(args, start_steps, checkpoint)
 
     steps_per_iteration = args.num_envs * args.rollout_length
     print(f"{args.env_id} ({args.impl}): {args.num_iterations} iterations x {steps_per_iteration:,} env steps")
     print("compiling...")
     compile_start = time.time()
-    evaluate = jax.jit(evaluate).lower(params["policy"], obs_stats, eval_key, True).compile()
+    evaluate = jax.jit(evaluate).lower(model["params"]["policy"], model["obs_stats"], eval_key, True).compile()
     if args.num_iterations > 0:
-        state = TrainState(
-            params,
-            optimizer.init(params),
-            obs_stats,
-            jax.jit(init_rollout, static_argnums=1)(env_key, args.num_envs),
-            train_key,
-        )
+        init_carry = jax.jit(init_rollout, static_argnums=1)(env_key, args.num_envs)
+        state = TrainState(model["params"], optimizer.init(model["params"]), model["obs_stats"], init_carry, train_key)
         train_iteration = jax.jit(make_train_iteration(rollout, update), donate_argnums=0).lower(state).compile()
-    compile_time = time.time() - compile_start
-    print(f"compiled in {compile_time:.1f} s")
+    run.compile_time = time.time() - compile_start
+    print(f"compiled in {run.compile_time:.1f} s")
 
-    eval_rows, train_time = [], 0.0
-
-    def run_evaluation(env_steps, params, obs_stats):
+    def evaluate_model(model):
         # New start states at every evaluation, from a key of its env step; both modes on the same ones (paired).
-        key = jax.random.fold_in(eval_key, env_steps)
-        returns = [
-            np.asarray(evaluate(params["policy"], obs_stats, key, mode == "deterministic")) for mode in EVAL_MODES
-        ]
-        eval_rows.append((env_steps, *(float(f(r)) for r in returns for f in (np.mean, np.std))))
-        writer.add_scalar("eval/episodic_return", returns[0].mean(), env_steps)
-        writer.add_scalar("eval/episodic_return_std", returns[0].std(), env_steps)
-        writer.add_scalar(f"eval/{EVAL_MODES[1]}_episodic_return", returns[1].mean(), env_steps)
-        write_atomic(
-            os.path.join(run_path, "eval.csv"),
-            f"env_steps,eval_return_mean,eval_return_std,{EVAL_MODES[1]}_return_mean,{EVAL_MODES[1]}_return_std\n"
-            + "".join(f"{row[0]}," + ",".join(f"{x:.4f}" for x in row[1:]) + "\n" for row in eval_rows),
-        )
-        if args.save_model:
-            save_model(os.path.join(run_path, "model.msgpack"), args, env_steps, params, obs_stats)
-        sps = (env_steps - start_steps) / train_time if train_time > 0 else 0.0
-        elapsed = time.strftime("%H:%M:%S", time.gmtime(time.time() - start_time))
-        print(f"eval  step {env_steps:>12,} | return {returns[0].mean():8.2f} +- {returns[0].std():7.2f} | ", end="")
-        print(f"{EVAL_MODES[1]} {returns[1].mean():8.2f} | SPS {sps:9,.0f} | {elapsed}")
+        key = jax.random.fold_in(eval_key, run.env_steps)
+        policy_params, obs_stats = model["params"]["policy"], model["obs_stats"]
+        returns = [np.asarray(evaluate(policy_params, obs_stats, key, mode == "deterministic")) for mode in EVAL_MODES]
+        run.log_evaluation(returns, model)
 
-    run_evaluation(start_steps, params, obs_stats)
-    for iteration in range(1, args.num_iterations + 1):
-        iteration_start = time.time()
-        state, metrics = train_iteration(state)
-        metrics = jax.device_get(metrics)  # the one host sync of the iteration
-        iteration_time = time.time() - iteration_start
-        train_time += iteration_time
-        env_steps = start_steps + iteration * steps_per_iteration
-        if not metrics["finite"]:
-            writer.close()
-            sys.exit(
-                f"error: non-finite loss or parameters at iteration {iteration} (env step {env_steps:,}); "
-                f"training stopped, the logs and the last saved model in {run_path} are kept"
-            )
-        for name, value in metrics.items():
-            if name not in ("finite", "train_episode_return"):
-                writer.add_scalar(f"losses/{name}", value, env_steps)
-        if np.isfinite(metrics["train_episode_return"]):
-            writer.add_scalar("charts/episodic_return", metrics["train_episode_return"], env_steps)
-        writer.add_scalar("charts/SPS", steps_per_iteration / iteration_time, env_steps)
-        print(
-            f"iter {iteration:>4}/{args.num_iterations} | step {env_steps:>12,} | loss {metrics['loss']:8.4f} | "
-            f"SPS {steps_per_iteration / iteration_time:9,.0f}"
-        )
-        if (
-            iteration == args.num_iterations
-            or env_steps // args.eval_interval > (env_steps - steps_per_iteration) // args.eval_interval
-        ):
-            run_evaluation(env_steps, state.params, state.obs_stats)
+    def resume_point(iteration, state):
+        return {"iteration": iteration}, state
 
-    final_steps, final_mean, final_std, other_mean, other_std = eval_rows[-1]
-    summary = {
-        "env_id": args.env_id,
-        "algo": ALGO,
-        "seed": args.seed,
-        "env_steps": final_steps,
-        "eval_mode": EVAL_MODES[0],
-        "final_eval_return": final_mean,
-        "final_eval_return_std": final_std,
-        "best_eval_return": max(row[1] for row in eval_rows),
-        f"final_{EVAL_MODES[1]}_eval_return": other_mean,
-        f"final_{EVAL_MODES[1]}_eval_return_std": other_std,
-        "wall_time_s": time.time() - start_time,
-        "compile_time_s": compile_time,
-        "train_sps": (final_steps - start_steps) / train_time if train_time > 0 else 0.0,
-    }
-    write_atomic(os.path.join(run_path, "summary.json"), json.dumps(summary, indent=2))
-    writer.close()
-    print(f"final return {final_mean:.2f} +- {final_std:.2f}; results in {run_path}")
+    if not checkpoint:
+        evaluate_model(model)
+    if args.num_iterations > 0:
+        if checkpoint:
+            state = restore_arrays(checkpoint[1], state, f"--resume {run.path}")
+        else:
+            run.checkpoint(*resume_point(0, state))
+        state = run.train(
+            train_iteration,
+            state,
+            range(run.progress.get("iteration", 0) + 1, args.num_iterations + 1),
+            lambda iteration, state: evaluate_model({"params": state.params, "obs_stats": state.obs_stats}),
+            resume_point,
+        )
+    run.finish({})
 
 
 if __name__ == "__main__":

@@ -17,14 +17,24 @@ N(0, I) (theirs was re-created from the seed); data collection keeps the time li
 the final stage's unused collection and decoder fit are skipped; every random draw is seeded; the decoder trains only
 on the noise levels its sampler visits (theirs drew a level with alpha-bar exactly 1, an unlearnable target); stage 0's
 decoder is the identity exactly (theirs scaled the latent by 1.052).
+
+Shapes in comments: B envs stepped in parallel, T steps per env in one rollout, U steps per sequence (the unroll),
+N sequences in a minibatch (or pairs in a decoder batch), O observation size, A action size (GoRL's latent has it
+too), M (noise, time) pairs per action, K denoising steps or diffusion levels.
+
+Sources: GoRL, arXiv 2512.02581, and its authors' code, github.com/bennidict23/GoRL; FPO, arXiv 2507.21053,
+github.com/akanazawa/fpo; DPPO, arXiv 2409.00588, github.com/irom-lab/dppo; PPO, arXiv 1707.06347, in the form of
+Brax's PPO (github.com/google/brax, brax/training/agents/ppo/losses.py); MuJoCo Playground,
+github.com/google-deepmind/mujoco_playground.
 """
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from importlib import metadata
 from typing import Any, Literal, NamedTuple, Optional, Sequence
@@ -33,6 +43,7 @@ import flax.linen as nn
 import flax.serialization
 import jax
 import jax.numpy as jnp
+import mujoco
 import numpy as np
 import optax
 import tyro
@@ -48,7 +59,7 @@ EVAL_MODES = ("deterministic", "stochastic")
 TASK_GAMMA = {"BallInCup": 0.95, "FingerSpin": 0.95}
 # Per-task latent regulariser coefficients (stage 0, later stages) of the authors' runs; others use (5e-4, 1e-3).
 TASK_LATENT_REG_COEF = {"BallInCup": (0.0, 1e-3)}
-NUM_DIFFUSION_LEVELS = 10  # T of the cosine schedule: the DDIM chain runs from level T - 1 down to level 0
+NUM_DIFFUSION_LEVELS = 10  # K of the cosine schedule: the DDIM chain runs from level K - 1 down to level 0
 NUM_NOISE_PAIRS = 8  # (noise, level) pairs drawn per (state, action) in the decoder's loss
 NUM_HISTOGRAM_ACTIONS = 10_000  # actions sampled at one fixed state at the end of each stage (the paper's Figure 7)
 
@@ -67,6 +78,11 @@ class Args:
     """the folder that receives one sub-folder per run"""
     save_model: bool = False
     """save encoder, critic and decoder to `model.msgpack` in the run folder (at every evaluation)"""
+    resume: Optional[str] = None
+    """continue the interrupted run in this run folder from its last checkpoint, exactly as if it had not stopped
+    (every other option is the run's own, from its config.json)"""
+    checkpoint_interval: float = 10.0
+    """minutes between checkpoints besides the one at every evaluation (SIGTERM and SIGINT also write one)"""
     load_model: Optional[str] = None
     """start from a `model.msgpack` saved by this script, counting env steps on from the step it was saved at; with
     `--stage-timesteps 0` it is only evaluated (on the episodes its own run evaluated it on)"""
@@ -172,7 +188,7 @@ def gaussian_entropy(std):
 
 
 def latent_regularizer(mean, std, kind):
-    """How far the latent policy has drifted from the N(0, I) prior the decoder was trained on."""
+    """How far the latent policy has drifted from the N(0, I) prior the decoder was trained on (GoRL Eq. 3)."""
     if kind == "kl":
         return jnp.mean(jnp.sum(0.5 * (mean**2 + std**2 - 1.0) - jnp.log(std), axis=-1))
     return jnp.mean(mean**2) + jnp.mean(std**2)
@@ -200,7 +216,7 @@ def time_embedding(t):
 
 
 class ConditionalField(nn.Module):
-    """f(s, x, t): an MLP on [normalised state, x, time features]; the decoder's noise predictor eps(s, x_k, k / T)."""
+    """f(s, x, t): an MLP on [normalised state, x, time features]; the decoder's noise predictor eps(s, x_k, k / K)."""
 
     hidden_sizes: Sequence[int]
     output_size: int
@@ -212,9 +228,9 @@ class ConditionalField(nn.Module):
 
 
 def cosine_alpha_bars(num_levels, s=0.008):
-    """Nichol and Dhariwal's cosine schedule at levels k = 0..T-1: alpha_bar_k = f(k / T) / f(0) with
-    f(u) = cos^2((u + s) / (1 + s) * pi / 2). Level 0 is the clean action (alpha_bar = 1); the noisiest level, T - 1,
-    keeps sqrt(alpha_bar) = 0.155 of it, so the first DDIM step stays well conditioned (level T would keep none)."""
+    """Nichol and Dhariwal's cosine schedule at levels k = 0..K-1: alpha_bar_k = f(k / K) / f(0) with
+    f(u) = cos^2((u + s) / (1 + s) * pi / 2). Level 0 is the clean action (alpha_bar = 1); the noisiest level, K - 1,
+    keeps sqrt(alpha_bar) = 0.155 of it, so the first DDIM step stays well conditioned (level K would keep none)."""
     f = jnp.cos((jnp.arange(num_levels) / num_levels + s) / (1 + s) * jnp.pi / 2) ** 2
     return f / f[0]
 
@@ -233,7 +249,7 @@ class Decoder(NamedTuple):
 
 
 def identity_decoder(decoder_network, key, obs_size, action_size):
-    """Stage 0's decoder. A zero network would not do: its DDIM chain scales the latent by 1 / sqrt(alpha_bar_{T-1}).
+    """Stage 0's decoder. A zero network would not do: its DDIM chain scales the latent by 1 / sqrt(alpha_bar_{K-1}).
     The flag selects the latent exactly (to the bit), and one compiled program serves every stage."""
     params = decoder_network.init(key, jnp.zeros((1, obs_size)), jnp.zeros((1, action_size)), jnp.zeros((1, 1)))
     return Decoder(jax.tree.map(jnp.zeros_like, params), init_running_stats(obs_size), jnp.array(True))
@@ -253,12 +269,28 @@ def decode(decoder_network, decoder, obs, latent):
     return jnp.where(decoder.identity, latent, x)
 
 
+def make_networks(env, key):
+    """The latent policy (2A outputs: the mean and raw std of a latent with the action's dimension), the critic and the
+    decoder's network, and the initial parameters of the first two: the latent policy's give exactly the prior."""
+    policy_key, critic_key = jax.random.split(key)
+    latent_policy, critic = MLP((32,) * 4 + (2 * env.action_size,)), MLP((256,) * 5 + (1,))
+    decoder_network = ConditionalField((64,) * 4, env.action_size)
+    # The encoder starts every stage at the prior (the authors' code re-created it from the seed instead).
+    params = {
+        "latent_policy": prior_params(latent_policy, policy_key, env.observation_size),
+        "critic": critic.init(critic_key, jnp.zeros((1, env.observation_size))),
+    }
+    return (latent_policy, critic, decoder_network), params
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Environment
 
 
 def make_env(env_id, impl):
     """The Playground env with the chosen physics implementation, and its episode length (time limit)."""
+    if not hasattr(mujoco.MjSpec, "find_body"):  # playground 0.2.0's Reacher calls what mujoco 3.17 calls MjSpec.body
+        mujoco.MjSpec.find_body = mujoco.MjSpec.body
     config = registry.get_default_config(env_id)
     config.impl = impl
     return registry.load(env_id, config=config), config.episode_length
@@ -313,28 +345,6 @@ class Transition(NamedTuple):
 
 
 def make_rollout(env, latent_policy, decoder_network, num_steps, episode_length):
-    # MJX-Warp keeps some buffers shared by all envs (no env axis); auto-reset must leave those leaves alone.
-    single_state = jax.eval_shape(env.reset, jax.random.key(0))
-
-    def reset_where(done, reset_state, state):
-        def select(single, reset_leaf, leaf):
-            if leaf.shape != done.shape + single.shape:
-                return leaf
-            return jnp.where(done.reshape(done.shape + (1,) * len(single.shape)), reset_leaf, leaf)
-
-        return jax.tree.map(select, single_state, reset_state, state)
-
-    def auto_reset(done, env_state, key):
-        """Fresh start states for the envs whose episode ended (`done`), so that every episode begins from a new random
-        state. They are made only in the steps where an episode ends (at the time limit, all envs at once): a reset can
-        cost many physics steps (CheetahRun's settles for 200)."""
-
-        def reset(env_state):
-            reset_state = jax.vmap(env.reset)(jax.random.split(key, done.shape[0]))
-            return reset_where(done, reset_state, env_state)
-
-        return lax.cond(jnp.any(done), reset, lambda env_state: env_state, env_state)
-
     def init(key, num_envs):
         env_state = jax.vmap(env.reset)(jax.random.split(key, num_envs))
         # Reset leaves `data.time` weak-typed where env.step makes it strong: cast once so the iteration compiles once.
@@ -372,6 +382,28 @@ def make_rollout(env, latent_policy, decoder_network, num_steps, episode_length)
         carry, (transitions, finished_returns) = lax.scan(step, carry, keys)
         return carry, transitions, finished_returns
 
+    def auto_reset(done, env_state, key):
+        """Fresh start states for the envs whose episode ended (`done`), so that every episode begins from a new random
+        state. They are made only in the steps where an episode ends (at the time limit, all envs at once): a reset can
+        cost many physics steps (CheetahRun's settles for 200)."""
+
+        def reset(env_state):
+            reset_state = jax.vmap(env.reset)(jax.random.split(key, done.shape[0]))
+            return reset_where(done, reset_state, env_state)
+
+        return lax.cond(jnp.any(done), reset, lambda env_state: env_state, env_state)
+
+    # MJX-Warp keeps some buffers shared by all envs (no env axis): auto-reset leaves those leaves alone.
+    single_state = jax.eval_shape(env.reset, jax.random.key(0))
+
+    def reset_where(done, reset_state, state):
+        def select(single, reset_leaf, leaf):
+            if leaf.shape != done.shape + single.shape:
+                return leaf
+            return jnp.where(done.reshape(done.shape + (1,) * len(single.shape)), reset_leaf, leaf)
+
+        return jax.tree.map(select, single_state, reset_state, state)
+
     return init, rollout
 
 
@@ -380,7 +412,7 @@ def make_rollout(env, latent_policy, decoder_network, num_steps, episode_length)
 
 
 def compute_advantages(rewards, values, bootstrap_value, termination, truncation, gamma, gae_lambda):
-    """Brax-form advantages over time-major (U, N) sequences.
+    """Brax-form advantages over time-major (U, N) sequences (brax/training/agents/ppo/losses.py, compute_gae).
 
     The value targets are TD(lambda) returns; the advantage is r_t + gamma * target_{t+1} - V_t. Termination stops
     bootstrapping; a truncated step (its successor is already a reset state) gets neither target error nor advantage,
@@ -454,6 +486,7 @@ def make_update(latent_policy, critic, optimizer, args):
         log_ratio = gaussian_log_prob(batch.latent, mean, std) - batch.log_prob
         ratio = jnp.exp(log_ratio)
         clipped_ratio = jnp.clip(ratio, 1.0 - settings.clip_eps, 1.0 + settings.clip_eps)
+        # PPO's clipped surrogate on latent likelihoods (GoRL Eq. 5); value and entropy terms as in Brax's PPO losses.
         policy_loss = -jnp.mean(jnp.minimum(ratio * advantages, clipped_ratio * advantages))
         value_loss = jnp.mean((value_targets - values) ** 2)
         entropy = jnp.mean(gaussian_entropy(std))
@@ -535,8 +568,9 @@ def make_train_iteration(rollout, update):
 
 
 def diffusion_loss(decoder_network, params, obs, actions, noise, levels):
-    """DDPM's noise-prediction loss at x_k = sqrt(alpha_bar_k) * action + sqrt(1 - alpha_bar_k) * noise.
-    obs (N, O) normalised, actions (N, A), noise (K, N, A), levels (K, N, 1) integers in 1..T-1."""
+    """DDPM's noise-prediction loss (Ho et al., arXiv 2006.11239, Eq. 14; GoRL's Eq. 6 for a diffusion decoder) at
+    x_k = sqrt(alpha_bar_k) * action + sqrt(1 - alpha_bar_k) * noise. obs (N, O) normalised, actions (N, A),
+    noise (M, N, A), levels (M, N, 1) integers in 1..K-1."""
     alpha_bar = cosine_alpha_bars(NUM_DIFFUSION_LEVELS)[levels]
     x_k = jnp.sqrt(alpha_bar) * actions + jnp.sqrt(1.0 - alpha_bar) * noise
     obs = jnp.broadcast_to(obs, x_k.shape[:-1] + obs.shape[-1:])
@@ -572,8 +606,8 @@ def make_decoder_trainer(decoder_network, args):
     optimizer = optax.adam(args.decoder_learning_rate)
 
     def loss_fn(params, obs, actions, key):
-        # Fresh draws from the fixed N(0, I) prior, never the encoder's latents: the decoder learns a transport from
-        # the prior to the actions the stage's whole stochastic policy took.
+        # Fresh draws from the fixed N(0, I) prior, never the encoder's latents (GoRL Eq. 4): the decoder learns a
+        # transport from the prior to the actions the stage's whole stochastic policy took.
         noise_key, level_key = jax.random.split(key)
         noise = jax.random.normal(noise_key, (NUM_NOISE_PAIRS,) + actions.shape)
         # Only the levels the sampler evaluates: at level 0 x_k is the action itself and the noise is unlearnable.
@@ -690,6 +724,317 @@ def first_principal_component(actions):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# GoRL's stage change: collect, fit the decoder, restart the encoder at the prior
+
+
+def make_stage_change(collect_rollout, train_decoder, evaluate, optimizer, args):
+    def next_stage(state, decoder, encoder, prior, key, report_rollout, report_epoch):
+        """The change from one encoder stage to the next (GoRL Sec. 3.2, Algorithm 1). `encoder` (the finished stage's
+        best or final latent policy, with its observation statistics) acts through the current `decoder`; a new
+        decoder is fitted to carry the N(0, I) prior to the actions it took; the encoder restarts at the prior
+        (`prior`: its parameters; GoRL Eq. 2). Returns the new training state and decoder, and the change's figures:
+        the stochastic return of the distilled policy and of the restarted one on the same episodes (the behavioural
+        warm start), and the decoder fit's."""
+        collect_key, fit_key, warm_start_key = jax.random.split(key, 3)
+        before = evaluate(encoder["latent_policy"], encoder["obs_stats"], decoder, warm_start_key, False)
+        dataset, carry = collect_decoder_data(
+            collect_rollout,
+            encoder["latent_policy"],
+            encoder["obs_stats"],
+            decoder,
+            state.rollout_carry,
+            collect_key,
+            args.collection_rollouts,
+            args.decoder_dataset_size,
+            report_rollout,
+        )
+        decoder, fit = train_decoder(*dataset, fit_key, report_epoch)
+        # A fresh optimiser for the restarted encoder; the critic and the observation statistics carry over, since the
+        # warm-started policy behaves like the one they were fitted to.
+        params = {**state.params, "latent_policy": prior}
+        state = TrainState(params, optimizer.init(params), state.obs_stats, carry, state.key)
+        after = evaluate(prior, state.obs_stats, decoder, warm_start_key, False)
+        change = {"stochastic_return_before": float(np.mean(before)), "warm_start_return": float(np.mean(after))}
+        return state, decoder, {**change, **fit}
+
+    return next_stage
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run: files, checkpoints and the loop over training iterations (word for word the same in every script)
+
+
+def write_atomic(path, data):
+    """Replace the file `path` with `data` (text or bytes) in one step: a crash leaves the old file or the new one."""
+    with open(path + ".tmp", "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def is_key(x):
+    return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def save_arrays(path, header, tree):
+    """One msgpack file: a JSON header and every array of `tree`, named by its place in the tree (keys as raw data)."""
+    arrays = {
+        jax.tree_util.keystr(place): np.asarray(jax.random.key_data(x) if is_key(x) else x)
+        for place, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+    write_atomic(path, flax.serialization.msgpack_serialize({"header": json.dumps(header), "arrays": arrays}))
+
+
+def read_arrays(path, option, env_id, kind):
+    """The header and arrays of a file save_arrays wrote for this script and task; exits with one line if it is not."""
+    try:
+        with open(path, "rb") as f:
+            saved = flax.serialization.msgpack_restore(f.read())
+        header, arrays = json.loads(saved["header"]), saved["arrays"]
+    except FileNotFoundError:
+        sys.exit(f"error: {option} {path}: no such file")
+    except Exception as e:
+        sys.exit(f"error: {option} {path} is not a readable {kind} file ({type(e).__name__}: {e})")
+    if (header.get("algo"), header.get("env_id"), header.get("kind")) != (ALGO, env_id, kind):
+        sys.exit(
+            f"error: {option} {path} holds a {header.get('algo')} {header.get('kind')} for {header.get('env_id')}, "
+            f"not a {ALGO} {kind} for {env_id}"
+        )
+    return header, arrays
+
+
+def restore_arrays(arrays, target, option):
+    """A tree shaped like `target` with the saved arrays; exits with one line if they do not fit its shapes."""
+    leaves = []
+    places, structure = jax.tree_util.tree_flatten_with_path(target)
+    for place, x in places:
+        name, expected = jax.tree_util.keystr(place), jax.random.key_data(x) if is_key(x) else x
+        saved = arrays.get(name)
+        if saved is None or saved.shape != expected.shape or saved.dtype != expected.dtype:
+            sys.exit(f"error: {option} does not match the networks and sizes of this configuration (at {name})")
+        leaves.append(jax.random.wrap_key_data(saved) if is_key(x) else jnp.asarray(saved))
+    return jax.tree.unflatten(structure, leaves)
+
+
+def save_model(path, args, env_steps, model):
+    save_arrays(path, {"algo": ALGO, "env_id": args.env_id, "kind": "model", "env_steps": env_steps}, model)
+
+
+def load_model(path, args, model):
+    """(env_steps, model) from a file of --save-model, shaped like `model`; exits with one line if it does not fit."""
+    header, arrays = read_arrays(path, "--load-model", args.env_id, "model")
+    return header["env_steps"], restore_arrays(arrays, model, f"--load-model {path}")
+
+
+def read_checkpoint(run_path):
+    """The arguments of the interrupted run in `run_path` (its config.json) and its checkpoint (progress, arrays);
+    exits with one line if there is nothing of this script's there to continue."""
+    if os.path.exists(os.path.join(run_path, "summary.json")):
+        sys.exit(f"error: --resume {run_path}: that run has finished (it wrote summary.json); nothing to continue")
+    try:
+        with open(os.path.join(run_path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: --resume {run_path}: not a run folder with a readable config.json ({e})")
+    saved = {f.name: config[f.name] for f in fields(Args) if f.init and f.name in config}
+    args = Args(**{name: tuple(value) if isinstance(value, list) else value for name, value in saved.items()})
+    args.resume, args.load_model = run_path, None  # the checkpoint holds whatever the run had loaded
+    header, arrays = read_arrays(os.path.join(run_path, "checkpoint.msgpack"), "--resume", args.env_id, "checkpoint")
+    return args, (header["progress"], arrays)
+
+
+def run_metadata():
+    versions = {
+        p: metadata.version(p) for p in ("jax", "jaxlib", "flax", "optax", "mujoco", "mujoco-mjx", "playground")
+    }
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"versions": versions, "git_commit": commit}
+
+
+class Run:
+    """The host side of a run: its folder (config.json, eval.csv, TensorBoard, model.msgpack, checkpoint.msgpack,
+    summary.json), the loop over training iterations, and the signals that stop it with a checkpoint."""
+
+    def __init__(self, args, start_steps, checkpoint):
+        """A new run folder, or with `checkpoint` (from read_checkpoint) the interrupted run's, continued."""
+        self.args, self.start_time, self.compile_time, self.stop_signal = args, time.time(), 0.0, None
+        self.progress = checkpoint[0] if checkpoint else {}
+        self.env_steps = self.progress.get("env_steps", start_steps)
+        self.start_steps = self.progress.get("start_steps", start_steps)
+        self.train_time = self.progress.get("train_time", 0.0)
+        self.previous_time = self.progress.get("elapsed", 0.0)
+        self.eval_rows = self.progress.get("eval_rows", [])
+        run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        self.path = args.resume or os.path.join(args.run_dir, run_name)
+        if not args.resume:
+            try:
+                os.makedirs(self.path)
+            except OSError as e:
+                sys.exit(f"error: cannot make the run folder {self.path} ({e.strerror}); nothing was written")
+            write_atomic(
+                os.path.join(self.path, "config.json"), json.dumps({**asdict(args), **run_metadata()}, indent=2)
+            )
+        if args.track:
+            import wandb
+
+            wandb.init(
+                project=args.wandb_project_name,
+                entity=args.wandb_entity,
+                name=os.path.basename(self.path),
+                id=os.path.basename(self.path),
+                resume="allow",
+                config=asdict(args),
+                sync_tensorboard=True,
+                save_code=True,
+            )
+        # A resumed run hides what the interrupted one logged after its checkpoint, so no step is shown twice.
+        self.writer = SummaryWriter(self.path, purge_step=self.env_steps + 1 if args.resume else None)
+        if not args.resume:
+            self.writer.add_text(
+                "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+            )
+        self.checkpoint_time = time.time()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.request_stop)
+        print(f"run folder: {self.path}" + (f" (resumed at env step {self.env_steps:,})" if args.resume else ""))
+
+    def request_stop(self, signum, frame):
+        """The first SIGTERM or SIGINT stops the run at the end of the iteration, with a checkpoint; a second ends the
+        process at once."""
+        self.stop_signal = signum
+        for other in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(other, signal.SIG_DFL)
+
+    def stop_if_requested(self):
+        if self.stop_signal is not None:
+            self.writer.close()
+            print(
+                f"stopped by {signal.Signals(self.stop_signal).name} at env step {self.env_steps:,}; continue with: "
+                f"python {sys.argv[0]} --resume {self.path}"
+            )
+            sys.exit(128 + self.stop_signal)
+
+    def log_evaluation(self, returns, model):
+        """Log the returns (one array per mode of EVAL_MODES) of `model` evaluated at this env step."""
+        self.eval_rows.append((self.env_steps, *(float(f(r)) for r in returns for f in (np.mean, np.std))))
+        self.writer.add_scalar("eval/episodic_return", returns[0].mean(), self.env_steps)
+        self.writer.add_scalar("eval/episodic_return_std", returns[0].std(), self.env_steps)
+        self.writer.add_scalar(f"eval/{EVAL_MODES[1]}_episodic_return", returns[1].mean(), self.env_steps)
+        write_atomic(
+            os.path.join(self.path, "eval.csv"),
+            f"env_steps,eval_return_mean,eval_return_std,{EVAL_MODES[1]}_return_mean,{EVAL_MODES[1]}_return_std\n"
+            + "".join(f"{row[0]}," + ",".join(f"{x:.4f}" for x in row[1:]) + "\n" for row in self.eval_rows),
+        )
+        if self.args.save_model:
+            save_model(os.path.join(self.path, "model.msgpack"), self.args, self.env_steps, model)
+        sps = (self.env_steps - self.start_steps) / self.train_time if self.train_time > 0 else 0.0
+        elapsed = time.strftime("%H:%M:%S", time.gmtime(self.previous_time + time.time() - self.start_time))
+        print(
+            f"eval  step {self.env_steps:>12,} | return {returns[0].mean():8.2f} +- {returns[0].std():7.2f} | "
+            f"{EVAL_MODES[1]} {returns[1].mean():8.2f} | SPS {sps:9,.0f} | {elapsed}"
+        )
+
+    def checkpoint(self, progress, tree):
+        """Replace the run's checkpoint with everything --resume needs to continue exactly from here."""
+        progress = {
+            **progress,
+            "env_steps": self.env_steps,
+            "start_steps": self.start_steps,
+            "train_time": self.train_time,
+            "elapsed": self.previous_time + time.time() - self.start_time,
+            "eval_rows": self.eval_rows,
+        }
+        header = {"algo": ALGO, "env_id": self.args.env_id, "kind": "checkpoint", "progress": progress}
+        save_arrays(os.path.join(self.path, "checkpoint.msgpack"), header, tree)
+        self.checkpoint_time = time.time()
+
+    def train(self, train_iteration, state, iterations, evaluate, resume_point, label=""):
+        """Run the training iterations `iterations` (a range, numbered within the stage): evaluate each time training
+        crosses a multiple of --eval-interval and after the last, and checkpoint at every evaluation, every
+        --checkpoint-interval minutes and on a stop signal (then stop). `evaluate(iteration, state)` and
+        `resume_point(iteration, state) -> (progress, arrays)` are the script's."""
+        args, steps_per_iteration = self.args, self.args.num_envs * self.args.rollout_length
+        for iteration in iterations:
+            iteration_start = time.time()
+            state, metrics = train_iteration(state)
+            metrics = jax.device_get(metrics)  # the one host sync of the iteration
+            iteration_time = time.time() - iteration_start
+            self.train_time += iteration_time
+            self.env_steps += steps_per_iteration
+            if not metrics["finite"]:
+                self.writer.close()
+                sys.exit(
+                    f"error: non-finite loss or parameters at {label}iteration {iteration} (env step "
+                    f"{self.env_steps:,}); training stopped, the logs and the last saved model in {self.path} are kept"
+                )
+            for name, value in metrics.items():
+                if name not in ("finite", "train_episode_return"):
+                    self.writer.add_scalar(f"losses/{name}", value, self.env_steps)
+            if np.isfinite(metrics["train_episode_return"]):
+                self.writer.add_scalar("charts/episodic_return", metrics["train_episode_return"], self.env_steps)
+            self.writer.add_scalar("charts/SPS", steps_per_iteration / iteration_time, self.env_steps)
+            print(
+                f"{label}iter {iteration:>4}/{iterations[-1]} | step {self.env_steps:>12,} | loss "
+                f"{metrics['loss']:8.4f} | SPS {steps_per_iteration / iteration_time:9,.0f}"
+            )
+            crossed = (
+                self.env_steps // args.eval_interval > (self.env_steps - steps_per_iteration) // args.eval_interval
+            )
+            if iteration == iterations[-1] or crossed:
+                evaluate(iteration, state)
+                self.checkpoint(*resume_point(iteration, state))
+            elif self.stop_signal is not None or time.time() - self.checkpoint_time > 60 * args.checkpoint_interval:
+                self.checkpoint(*resume_point(iteration, state))
+            self.stop_if_requested()
+        return state
+
+    def finish(self, summary):
+        """Write summary.json: the final evaluation's figures, the run's clocks and the script's own `summary`."""
+        final_steps, final_mean, final_std, other_mean, other_std = self.eval_rows[-1]
+        summary = {
+            "env_id": self.args.env_id,
+            "algo": ALGO,
+            "seed": self.args.seed,
+            "env_steps": final_steps,
+            "eval_mode": EVAL_MODES[0],
+            "final_eval_return": final_mean,
+            "final_eval_return_std": final_std,
+            "best_eval_return": max(row[1] for row in self.eval_rows),
+            f"final_{EVAL_MODES[1]}_eval_return": other_mean,
+            f"final_{EVAL_MODES[1]}_eval_return_std": other_std,
+            "wall_time_s": self.previous_time + time.time() - self.start_time,
+            "compile_time_s": self.compile_time,
+            "train_sps": (final_steps - self.start_steps) / self.train_time if self.train_time > 0 else 0.0,
+            **summary,
+        }
+        write_atomic(os.path.join(self.path, "summary.json"), json.dumps(summary, indent=2))
+        self.writer.close()
+        print(f"final return {final_mean:.2f} +- {final_std:.2f}; results in {self.path}")
+
+
+def check_run_args(args):
+    """The options every script shares: exit with one line naming the problem, before anything is written."""
+    if args.checkpoint_interval <= 0:
+        sys.exit(f"error: --checkpoint-interval must be positive, got {args.checkpoint_interval}")
+    if args.load_model is not None and not os.path.isfile(args.load_model):
+        sys.exit(f"error: --load-model {args.load_model}: no such file")
+    if not args.resume:
+        existing = os.path.abspath(args.run_dir)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+            sys.exit(f"error: --run-dir {args.run_dir}: cannot write there ({existing} is not a writable folder)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # main
 
 
@@ -729,8 +1074,7 @@ def check_args(args):
             f"error: --decoder-batch-size {args.decoder_batch_size} is larger than the decoder's training split "
             f"({num_decoder_train} of --decoder-dataset-size)"
         )
-    if args.load_model is not None and not os.path.isfile(args.load_model):
-        sys.exit(f"error: --load-model {args.load_model}: no such file")
+    check_run_args(args)
     args.rollout_length = args.num_minibatches * args.batch_size * args.unroll_length // args.num_envs
     steps_per_iteration = args.num_envs * args.rollout_length
     if not args.stage_timesteps:
@@ -749,117 +1093,25 @@ def check_args(args):
         args.latent_reg_coef = TASK_LATENT_REG_COEF.get(args.env_id, (5e-4, 1e-3))
 
 
-def write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-def save_model(path, args, env_steps, params, obs_stats, decoder):
-    payload = {
-        "algo": ALGO,
-        "env_id": args.env_id,
-        "env_steps": env_steps,
-        "params": params,
-        "obs_stats": obs_stats,
-        "decoder": decoder,
-    }
-    with open(path + ".tmp", "wb") as f:
-        f.write(flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(payload)))
-    os.replace(path + ".tmp", path)
-
-
-def load_model(path, args, params, obs_stats, decoder):
-    """The (env_steps, params, obs_stats, decoder) saved in `path`, checked against this task's networks; exits with
-    one line if not."""
-    try:
-        with open(path, "rb") as f:
-            saved = flax.serialization.msgpack_restore(f.read())
-        if not isinstance(saved, dict) or "params" not in saved:
-            raise ValueError("not a model saved by --save-model")
-    except Exception as e:
-        sys.exit(f"error: --load-model {path} is not a readable model file ({e})")
-    if saved.get("algo") != ALGO or saved.get("env_id") != args.env_id:
-        sys.exit(
-            f"error: --load-model {path} holds a {saved.get('algo')} model for {saved.get('env_id')}, "
-            f"not {ALGO} for {args.env_id}"
-        )
-    target = {"params": params, "obs_stats": obs_stats, "decoder": decoder}
-    try:
-        restored = flax.serialization.from_state_dict(target, {k: saved[k] for k in target})
-        mismatch = jax.tree.leaves(jax.tree.map(lambda a, b: np.shape(a) != np.shape(b), target, restored))
-        if any(mismatch):
-            raise ValueError("array shapes differ")
-    except Exception as e:
-        sys.exit(f"error: --load-model {path} does not match the networks of this configuration ({e})")
-    return int(saved.get("env_steps", 0)), restored["params"], restored["obs_stats"], restored["decoder"]
-
-
-def run_metadata():
-    versions = {
-        p: metadata.version(p) for p in ("jax", "jaxlib", "flax", "optax", "mujoco", "mujoco-mjx", "playground")
-    }
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {"versions": versions, "git_commit": commit}
-
-
 def main(args):
-    start_time = time.time()
+    args, checkpoint = read_checkpoint(args.resume) if args.resume else (args, None)
     check_args(args)
     key = jax.random.key(args.seed)
-    policy_key, critic_key, env_key, eval_key, train_key, decoder_key = jax.random.split(key, 6)
+    network_key, env_key, eval_key, train_key, decoder_key, histogram_key = jax.random.split(key, 6)
     env, episode_length = make_env(args.env_id, args.impl)
-    latent_policy = MLP((32,) * 4 + (2 * env.action_size,))  # the latent has the action's dimension
-    critic = MLP((256,) * 5 + (1,))
-    decoder_network = ConditionalField((64,) * 4, env.action_size)
-    dummy_obs = jnp.zeros((1, env.observation_size))
-    # The encoder starts every stage at the prior (the authors' code re-created it from the seed instead).
-    params = {
-        "latent_policy": prior_params(latent_policy, policy_key, env.observation_size),
-        "critic": critic.init(critic_key, dummy_obs),
-    }
-    obs_stats = init_running_stats(env.observation_size)
+    (latent_policy, critic, decoder_network), params = make_networks(env, network_key)
     decoder = identity_decoder(decoder_network, decoder_key, env.observation_size, env.action_size)
+    model = {"params": params, "obs_stats": init_running_stats(env.observation_size), "decoder": decoder}
     start_steps = 0
     if args.load_model:
-        start_steps, params, obs_stats, decoder = load_model(args.load_model, args, params, obs_stats, decoder)
+        start_steps, model = load_model(args.load_model, args, model)
     optimizer = optax.adam(args.learning_rate)
-
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_path = os.path.join(args.run_dir, run_name)
-    os.makedirs(run_path)
-    write_atomic(os.path.join(run_path, "config.json"), json.dumps({**asdict(args), **run_metadata()}, indent=2))
-    if args.track:
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            name=run_name,
-            config=asdict(args),
-            sync_tensorboard=True,
-            save_code=True,
-        )
-    writer = SummaryWriter(run_path)
-    writer.add_text(
-        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-    )
-    print(f"run folder: {run_path}")
-
     init_rollout, rollout = make_rollout(env, latent_policy, decoder_network, args.rollout_length, episode_length)
     update = make_update(latent_policy, critic, optimizer, args)
     evaluate = make_evaluate(env, latent_policy, decoder_network, args.num_eval_envs, episode_length)
     train_decoder = make_decoder_trainer(decoder_network, args)
     sample_actions = make_action_sampler(latent_policy, decoder_network)
+    run = Run(args, start_steps, checkpoint)
 
     steps_per_iteration = args.num_envs * args.rollout_length
     print(
@@ -867,204 +1119,147 @@ def main(args):
         f"{steps_per_iteration:,} env steps; compiling..."
     )
     compile_start = time.time()
-    evaluate = jax.jit(evaluate).lower(params["latent_policy"], obs_stats, decoder, eval_key, True).compile()
+    policy_params, obs_stats, decoder = model["params"]["latent_policy"], model["obs_stats"], model["decoder"]
+    evaluate = jax.jit(evaluate).lower(policy_params, obs_stats, decoder, eval_key, True).compile()
     if sum(args.stage_iterations) > 0:
-        state = TrainState(
-            params,
-            optimizer.init(params),
-            obs_stats,
-            jax.jit(init_rollout, static_argnums=1)(env_key, args.num_envs),
-            train_key,
-        )
+        init_carry = jax.jit(init_rollout, static_argnums=1)(env_key, args.num_envs)
+        state = TrainState(model["params"], optimizer.init(model["params"]), obs_stats, init_carry, train_key)
         train_iteration = (
             jax.jit(make_train_iteration(rollout, update), donate_argnums=0)
             .lower(state, decoder, stage_settings(args, 0))
             .compile()
         )
         # The state of the Figure-7 histograms: a fresh start state of the first training env.
-        histogram_obs = state.rollout_carry.env_state.obs[0]
+        histogram_obs = init_carry.env_state.obs[0]
     if len(args.stage_iterations) > 1:
-        collect_rollout = (
-            jax.jit(rollout)
-            .lower(params["latent_policy"], obs_stats, decoder, state.rollout_carry, train_key)
-            .compile()
-        )
-    compile_time = time.time() - compile_start
-    print(f"compiled in {compile_time:.1f} s")
+        collect_rollout = jax.jit(rollout).lower(policy_params, obs_stats, decoder, init_carry, train_key).compile()
+        next_stage = make_stage_change(collect_rollout, train_decoder, evaluate, optimizer, args)
+    run.compile_time = time.time() - compile_start
+    print(f"compiled in {run.compile_time:.1f} s")
 
-    eval_rows, stage_records, train_time, env_steps, collection_steps = [], [], 0.0, start_steps, 0
-
-    def run_evaluation(env_steps, params, obs_stats, decoder):
+    def evaluate_model(model):
         # New start states at every evaluation, from a key of its env step; both modes on the same ones (paired).
-        key = jax.random.fold_in(eval_key, env_steps)
+        key = jax.random.fold_in(eval_key, run.env_steps)
+        policy_params, obs_stats, decoder = model["params"]["latent_policy"], model["obs_stats"], model["decoder"]
         returns = [
-            np.asarray(evaluate(params["latent_policy"], obs_stats, decoder, key, mode == "deterministic"))
-            for mode in EVAL_MODES
+            np.asarray(evaluate(policy_params, obs_stats, decoder, key, mode == "deterministic")) for mode in EVAL_MODES
         ]
-        eval_rows.append((env_steps, *(float(f(r)) for r in returns for f in (np.mean, np.std))))
-        writer.add_scalar("eval/episodic_return", returns[0].mean(), env_steps)
-        writer.add_scalar("eval/episodic_return_std", returns[0].std(), env_steps)
-        writer.add_scalar(f"eval/{EVAL_MODES[1]}_episodic_return", returns[1].mean(), env_steps)
-        write_atomic(
-            os.path.join(run_path, "eval.csv"),
-            f"env_steps,eval_return_mean,eval_return_std,{EVAL_MODES[1]}_return_mean,{EVAL_MODES[1]}_return_std\n"
-            + "".join(f"{row[0]}," + ",".join(f"{x:.4f}" for x in row[1:]) + "\n" for row in eval_rows),
-        )
-        if args.save_model:
-            save_model(os.path.join(run_path, "model.msgpack"), args, env_steps, params, obs_stats, decoder)
-        sps = (env_steps - start_steps) / train_time if train_time > 0 else 0.0
-        elapsed = time.strftime("%H:%M:%S", time.gmtime(time.time() - start_time))
-        print(f"eval  step {env_steps:>12,} | return {returns[0].mean():8.2f} +- {returns[0].std():7.2f} | ", end="")
-        print(f"{EVAL_MODES[1]} {returns[1].mean():8.2f} | SPS {sps:9,.0f} | {elapsed}")
+        run.log_evaluation(returns, model)
 
-    def evaluated_encoder(iteration, params, obs_stats):
-        """The encoder just evaluated, a candidate for the next decoder's data; copied, since the next training
-        iteration overwrites the state's buffers."""
-        latent_policy_params, obs_stats = jax.tree.map(jnp.copy, (params["latent_policy"], obs_stats))
-        return {
-            "iteration": iteration,
-            "env_steps": eval_rows[-1][0],
-            "eval_return": eval_rows[-1][1],
-            "latent_policy": latent_policy_params,
-            "obs_stats": obs_stats,
+    # Where the stage loop stands, checkpointed whole: the stage, its record, and its final and best evaluated encoders
+    # (the candidates for the next decoder's data) with their parameters in `encoders`.
+    progress = {"stage": 0, "iteration": 0, "collection_steps": 0, "records": [], "record": {"stage": 0}, "best": None}
+
+    def keep_encoder(iteration, state):
+        """Note the encoder just evaluated as the stage's final one and, if no worse, its best (ties to the later);
+        copied, since the next training iteration overwrites the state's buffers."""
+        encoder = jax.tree.map(jnp.copy, {"latent_policy": state.params["latent_policy"], "obs_stats": state.obs_stats})
+        progress["final"] = {"iteration": iteration, "env_steps": run.env_steps, "eval_return": run.eval_rows[-1][1]}
+        encoders["final"] = encoder
+        if progress["best"] is None or progress["final"]["eval_return"] >= progress["best"]["eval_return"]:
+            progress["best"], encoders["best"] = progress["final"], encoder
+
+    def on_evaluation(iteration, state):
+        evaluate_model({"params": state.params, "obs_stats": state.obs_stats, "decoder": decoder})
+        keep_encoder(iteration, state)
+
+    def resume_point(iteration, state):
+        best = encoders["best"] if progress["best"] else encoders["final"]  # placeholder until the stage's first
+        return {**progress, "iteration": iteration}, {
+            "state": state,
+            "decoder": decoder,
+            "best": best,
+            "final": encoders["final"],
         }
 
     def report_decoder_epoch(stage, epoch, train_loss, validation_loss, improved):
         step = (stage - 1) * args.decoder_epochs + epoch
-        writer.add_scalar("decoder/train_loss", train_loss, step)
-        writer.add_scalar("decoder/validation_loss", validation_loss, step)
+        run.writer.add_scalar("decoder/train_loss", train_loss, step)
+        run.writer.add_scalar("decoder/validation_loss", validation_loss, step)
         print(
             f"  decoder epoch {epoch:>3}/{args.decoder_epochs} | train loss {train_loss:.5f} | held-out loss "
             f"{validation_loss:.5f}{' (best)' if improved else ''}"
         )
+        run.stop_if_requested()  # the last checkpoint is the finished stage's end: a resumed run redoes this change
 
-    run_evaluation(start_steps, params, obs_stats, decoder)
-    best = final = evaluated_encoder(0, params, obs_stats)
-    for stage, num_iterations in enumerate(args.stage_iterations):
-        if num_iterations == 0:  # --stage-timesteps 0: evaluation only
-            break
-        record = {"stage": stage}
-        collect_key, fit_key, warm_start_key, histogram_key = jax.random.split(
-            jax.random.fold_in(decoder_key, stage), 4
-        )
-        if stage > 0:
-            # The next decoder learns from the finished stage's best (or final) encoder, with the decoder it acted
-            # through: the policy whose behaviour the restarted encoder inherits.
-            distilled = best if args.decoder_data_policy == "best" else final
-            transition_start = time.time()
-            before = evaluate(distilled["latent_policy"], distilled["obs_stats"], decoder, warm_start_key, False)
-            print(
-                f"stage {stage}: collecting {args.collection_rollouts} rollouts of the stage-{stage - 1} encoder of "
-                f"iteration {distilled['iteration']} (deterministic return {distilled['eval_return']:.2f})"
-            )
-            dataset, carry = collect_decoder_data(
-                collect_rollout,
-                distilled["latent_policy"],
-                distilled["obs_stats"],
-                decoder,
-                state.rollout_carry,
-                collect_key,
-                args.collection_rollouts,
-                args.decoder_dataset_size,
-                lambda i: print(f"  collected rollout {i}/{args.collection_rollouts}"),
-            )
-            num_collected = args.collection_rollouts * steps_per_iteration
-            collection_steps += num_collected
-            print(f"stage {stage}: fitting the decoder to {args.decoder_dataset_size:,} (state, action) pairs")
-            decoder, fit = train_decoder(*dataset, fit_key, partial(report_decoder_epoch, stage))
-            del dataset
-            # The encoder restarts at the prior with a fresh optimiser; the critic and the observation statistics
-            # carry over, since the warm-started policy behaves like the one they were fitted to.
-            prior = prior_params(latent_policy, jax.random.fold_in(policy_key, stage), env.observation_size)
-            params = {**state.params, "latent_policy": prior}
-            state = TrainState(params, optimizer.init(params), state.obs_stats, carry, state.key)
-            # The same episodes and noise as `before`: a paired comparison.
-            after = evaluate(state.params["latent_policy"], state.obs_stats, decoder, warm_start_key, False)
-            transition = {
-                "distilled_iteration": distilled["iteration"],
-                "distilled_env_steps": distilled["env_steps"],
-                "distilled_eval_return": distilled["eval_return"],
-                "stochastic_return_before": float(np.mean(before)),
-                "warm_start_return": float(np.mean(after)),
-                **fit,
-                "collection_env_steps": num_collected,
-                "transition_time_s": time.time() - transition_start,
-            }
-            record.update(transition)
-            for name, value in transition.items():
-                writer.add_scalar(f"stage/{name}", value, env_steps)
-            writer.add_scalar("stage/dataset_size", args.decoder_dataset_size, env_steps)
-            writer.add_scalar("stage/total_collection_env_steps", collection_steps, env_steps)
-            print(
-                f"stage {stage}: warm start: stochastic return {transition['stochastic_return_before']:.2f} before "
-                f"the restart, {transition['warm_start_return']:.2f} after; decoder held-out loss "
-                f"{transition['decoder_validation_loss']:.5f}; transition {transition['transition_time_s']:.1f} s"
-            )
-            best = None
-
-        settings = stage_settings(args, stage)
-        for name, value in settings._asdict().items():
-            writer.add_scalar(f"stage/{name}", value, env_steps)
-        for iteration in range(1, num_iterations + 1):
-            iteration_start = time.time()
-            state, metrics = train_iteration(state, decoder, settings)
-            metrics = jax.device_get(metrics)  # the one host sync of the iteration
-            iteration_time = time.time() - iteration_start
-            train_time += iteration_time
-            env_steps += steps_per_iteration
-            if not metrics["finite"]:
-                writer.close()
-                sys.exit(
-                    f"error: non-finite loss or parameters at stage {stage} iteration {iteration} (env step "
-                    f"{env_steps:,}); training stopped, the logs and the last saved model in {run_path} are kept"
+    if not checkpoint:
+        evaluate_model(model)
+    if sum(args.stage_iterations) > 0:
+        if checkpoint:
+            progress = run.progress
+            encoder = {"latent_policy": state.params["latent_policy"], "obs_stats": state.obs_stats}
+            target = {"state": state, "decoder": decoder, "best": encoder, "final": encoder}
+            restored = restore_arrays(checkpoint[1], target, f"--resume {run.path}")
+            state, decoder = restored["state"], restored["decoder"]
+            encoders = {"final": restored["final"], "best": restored["best"] if progress["best"] else None}
+        else:
+            encoders = {}
+            keep_encoder(0, state)  # stage 0's step-0 evaluation is a candidate too, as in the authors' loop
+            run.checkpoint(*resume_point(0, state))
+        resume_stage, resume_iteration = progress["stage"], progress["iteration"]
+        for stage in range(resume_stage, len(args.stage_iterations)):
+            first_iteration = resume_iteration + 1 if stage == resume_stage else 1
+            if stage > 0 and first_iteration == 1:
+                # The next decoder learns from the finished stage's best (or final) encoder, with the decoder it acted
+                # through: the policy whose behaviour the restarted encoder inherits.
+                distilled = progress[args.decoder_data_policy]
+                print(
+                    f"stage {stage}: collecting {args.collection_rollouts} rollouts of the stage-{stage - 1} encoder "
+                    f"of iteration {distilled['iteration']} (deterministic return {distilled['eval_return']:.2f}), "
+                    f"then fitting the decoder to {args.decoder_dataset_size:,} (state, action) pairs"
                 )
-            for name, value in metrics.items():
-                if name not in ("finite", "train_episode_return"):
-                    writer.add_scalar(f"losses/{name}", value, env_steps)
-            if np.isfinite(metrics["train_episode_return"]):
-                writer.add_scalar("charts/episodic_return", metrics["train_episode_return"], env_steps)
-            writer.add_scalar("charts/SPS", steps_per_iteration / iteration_time, env_steps)
-            writer.add_scalar("stage/index", stage, env_steps)
-            print(
-                f"stage {stage} iter {iteration:>4}/{num_iterations} | step {env_steps:>12,} | loss "
-                f"{metrics['loss']:8.4f} | SPS {steps_per_iteration / iteration_time:9,.0f}"
+                change_start = time.time()
+                state, decoder, change = next_stage(
+                    state,
+                    decoder,
+                    encoders[args.decoder_data_policy],
+                    prior_params(latent_policy, jax.random.fold_in(network_key, stage), env.observation_size),
+                    jax.random.fold_in(decoder_key, stage),
+                    lambda i: print(f"  collected rollout {i}/{args.collection_rollouts}"),
+                    partial(report_decoder_epoch, stage),
+                )
+                progress["collection_steps"] += args.collection_rollouts * steps_per_iteration
+                change = {
+                    "distilled_iteration": distilled["iteration"],
+                    "distilled_env_steps": distilled["env_steps"],
+                    "distilled_eval_return": distilled["eval_return"],
+                    **change,
+                    "collection_env_steps": args.collection_rollouts * steps_per_iteration,
+                    "transition_time_s": time.time() - change_start,
+                }
+                for name, value in change.items():
+                    run.writer.add_scalar(f"stage/{name}", value, run.env_steps)
+                run.writer.add_scalar("stage/dataset_size", args.decoder_dataset_size, run.env_steps)
+                run.writer.add_scalar("stage/total_collection_env_steps", progress["collection_steps"], run.env_steps)
+                print(
+                    f"stage {stage}: warm start: stochastic return {change['stochastic_return_before']:.2f} before "
+                    f"the restart, {change['warm_start_return']:.2f} after; decoder held-out loss "
+                    f"{change['decoder_validation_loss']:.5f}; transition {change['transition_time_s']:.1f} s"
+                )
+                progress.update(stage=stage, record={"stage": stage, **change}, best=None)
+                encoders["best"] = None
+            settings = stage_settings(args, stage)
+            if first_iteration == 1:
+                for name, value in {"index": stage, **settings._asdict()}.items():
+                    run.writer.add_scalar(f"stage/{name}", value, run.env_steps)
+            state = run.train(
+                lambda state: train_iteration(state, decoder, settings),
+                state,
+                range(first_iteration, args.stage_iterations[stage] + 1),
+                on_evaluation,
+                resume_point,
+                label=f"stage {stage} ",
             )
-            if (
-                iteration == num_iterations
-                or env_steps // args.eval_interval > (env_steps - steps_per_iteration) // args.eval_interval
-            ):
-                run_evaluation(env_steps, state.params, state.obs_stats, decoder)
-                final = evaluated_encoder(iteration, state.params, state.obs_stats)
-                if best is None or final["eval_return"] >= best["eval_return"]:
-                    best = final
-        actions = sample_actions(state.params["latent_policy"], state.obs_stats, decoder, histogram_obs, histogram_key)
-        writer.add_histogram(
-            "stage/action_first_principal_component", first_principal_component(np.asarray(actions)), env_steps
-        )
-        record.update(env_steps=env_steps, final_eval_return=eval_rows[-1][1])
-        stage_records.append(record)
-
-    final_steps, final_mean, final_std, other_mean, other_std = eval_rows[-1]
-    summary = {
-        "env_id": args.env_id,
-        "algo": ALGO,
-        "seed": args.seed,
-        "env_steps": final_steps,
-        "eval_mode": EVAL_MODES[0],
-        "final_eval_return": final_mean,
-        "final_eval_return_std": final_std,
-        "best_eval_return": max(row[1] for row in eval_rows),
-        f"final_{EVAL_MODES[1]}_eval_return": other_mean,
-        f"final_{EVAL_MODES[1]}_eval_return_std": other_std,
-        "wall_time_s": time.time() - start_time,
-        "compile_time_s": compile_time,
-        "train_sps": (final_steps - start_steps) / train_time if train_time > 0 else 0.0,
-        "collection_env_steps": collection_steps,
-        "stages": stage_records,
-    }
-    write_atomic(os.path.join(run_path, "summary.json"), json.dumps(summary, indent=2))
-    writer.close()
-    print(f"final return {final_mean:.2f} +- {final_std:.2f}; results in {run_path}")
+            policy_params, obs_stats = state.params["latent_policy"], state.obs_stats
+            actions = sample_actions(
+                policy_params, obs_stats, decoder, histogram_obs, jax.random.fold_in(histogram_key, stage)
+            )
+            run.writer.add_histogram(
+                "stage/action_first_principal_component", first_principal_component(np.asarray(actions)), run.env_steps
+            )
+            record = {**progress["record"], "env_steps": run.env_steps, "final_eval_return": run.eval_rows[-1][1]}
+            progress["records"].append(record)
+    run.finish({"collection_env_steps": progress["collection_steps"], "stages": progress["records"]})
 
 
 if __name__ == "__main__":

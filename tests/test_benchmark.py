@@ -99,8 +99,8 @@ def test_every_preset_builds_its_grid(preset, runs, tmp_path):
         assert command[1].endswith(f"{algo}.py")
         assert command[2:6] == ["--env-id", env_id, "--seed", str(seed)]
         assert command[-2:] == ["--run-dir", os.path.join(str(tmp_path), "runs")]
-        if preset == "paper":  # the scripts' defaults are the paper's configuration
-            assert len(command) == 8
+        if preset == "paper":  # the scripts' defaults are the paper's configuration; its long runs keep their models
+            assert command[6:-2] == ["--save-model"]
         else:
             assert "--num-envs" in command and ("--stage-timesteps" in command) == algo.startswith("gorl")
 
@@ -113,6 +113,7 @@ def test_smoke_preset_runs_the_tests_learning_configuration():
         assert ["--env-id", "CartpoleSwingup", *arguments[: len(CPU_ARGS) - 2]] == list(map(str, CPU_ARGS))
 
 
+@pytest.mark.slow
 def test_dry_run_lists_only_unfinished_runs(tmp_path):
     fabricate_run(tmp_path, "ppo_continuous", "CartpoleSwingup", 1, 100.0)
     result = run_benchmark("returns", "--preset", "smoke", "--out", tmp_path, "--dry-run")
@@ -124,6 +125,7 @@ def test_dry_run_lists_only_unfinished_runs(tmp_path):
     assert not os.path.exists(tmp_path / "logs")
 
 
+@pytest.mark.slow
 def test_slurm_array_has_one_task_per_unfinished_run(tmp_path):
     fabricate_run(tmp_path, "ppo_continuous", "CheetahRun", 3, 100.0)
     result = run_benchmark(
@@ -148,12 +150,16 @@ def test_slurm_array_has_one_task_per_unfinished_run(tmp_path):
     assert result.returncode == 0, result.stderr
     commands = (tmp_path / "slurm" / "commands.txt").read_text().splitlines()
     assert len(commands) == 2 * 2 * 3 - 1
-    assert not any("--env-id CheetahRun --seed 3" in c and "ppo_continuous.py" in c for c in commands)
+    # Each task works out its command when it starts (a new run, or --resume of its own after a requeue).
+    cells = [shlex.split(c)[2:] for c in commands]
+    assert all(cell[0] == "_cell" and cell[1] == "paper" and cell[-1] == str(tmp_path) for cell in cells)
+    assert ["ppo_continuous", "CheetahRun", "3"] not in [cell[2:5] for cell in cells]
     sbatch = (tmp_path / "slurm" / "grid.sbatch").read_text()
     assert "#SBATCH --array=0-10\n" in sbatch and "#SBATCH --partition=gpu\n" in sbatch
     assert 'sed -n "$((SLURM_ARRAY_TASK_ID + 1))p"' in sbatch and str(tmp_path / "slurm" / "commands.txt") in sbatch
 
 
+@pytest.mark.slow
 def test_smoke_preset_end_to_end(learning_runs):
     """Every algorithm's smoke run (made through the same command by the other tests), then the whole preset again:
     everything has finished, so it only summarises."""
@@ -168,6 +174,7 @@ def test_smoke_preset_end_to_end(learning_runs):
     assert (learning_runs.out / "curves_CartpoleSwingup.png").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_speed_builds_every_scripts_rollout(script):
     """`benchmark.sh speed` builds each script's rollout from the script's own functions: trace it (no compile) at the
@@ -197,3 +204,19 @@ def test_speed_table():
     # rollout / pure stepping time = pure rate / rollout rate; rollout share of an iteration = training / rollout rate
     assert lines[-2] == "| ppo_continuous.py | CheetahRun | jax | 1,200 | 8,000 | 10,000 | 1.25 | 15% |  |  |"
     assert lines[-1] == "| gorl_ppo_fm.py | CheetahRun | warp | 500 | 2,000 | 4,000 | 2.00 | 25% | 42,000 | 31.3 |"
+
+
+def test_jobs_get_one_gpu_each_round_robin_and_no_preallocation():
+    assert benchmark.job_environment(0, 1, ["0", "1"]) == {}  # one job: JAX's defaults
+    environments = [benchmark.job_environment(slot, 3, ["0", "1"]) for slot in range(3)]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in environments] == ["0", "1", "0"]
+    assert all(e["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" for e in environments)
+    assert benchmark.job_environment(1, 2, []) == {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}  # one GPU or none: shared
+
+
+def test_slurm_tasks_requeue_when_stopped_and_pick_their_command_when_they_start(tmp_path):
+    script = benchmark.slurm_script(str(tmp_path), str(tmp_path / "commands.txt"), 3, [])
+    assert "#SBATCH --requeue\n" in script and "#SBATCH --signal=TERM@300\n" in script
+    assert (
+        'if [ "$status" -eq 143 ]; then scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"; fi' in script
+    )

@@ -6,6 +6,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import gorl_ppo_diffusion as gorl
 
@@ -61,6 +62,7 @@ def test_diffusion_loss_matches_numpy():
     np.testing.assert_allclose(gorl.diffusion_loss(network, params, obs, actions, noise, levels), expected, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_decoder_learns_two_modes_a_gaussian_cannot():
     """Actions at each state are one of two modes, +-(1.5 + 0.5 s_0); the fitted decoder carries N(0, 1) samples to
     both, with little mass between them, where the best single Gaussian puts over a third of its mass."""

@@ -66,6 +66,7 @@ def test_prior_params_give_a_standard_normal_in_every_state():
     np.testing.assert_allclose(std, 1.0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_decoder_learns_two_modes_a_gaussian_cannot():
     """Actions at each state are one of two modes, +-(1.5 + 0.5 s_0); the fitted decoder carries N(0, 1) samples to
     both, with little mass between them, where the best single Gaussian puts over a third of its mass."""

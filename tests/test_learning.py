@@ -12,6 +12,8 @@ from conftest import SCRIPTS, SCRIPTS_UNDER_TEST, read_json
 
 import ppo_continuous
 
+pytestmark = pytest.mark.slow  # every test here runs a script
+
 
 @pytest.fixture(scope="module")
 def random_policy_return():

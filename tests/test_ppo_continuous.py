@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import ppo_continuous as ppo
 from conftest import CPU_ARGS, N, only_run_folder, read_json, run_script
@@ -124,6 +125,7 @@ def test_policy_distribution_starts_near_unit_scale():
 # What only this script checks end to end (the output contract of every script is in test_scripts.py)
 
 
+@pytest.mark.slow
 def test_rollout_truncates_resets_and_carries_episodes_over():
     """Episodes of 10 steps in 25-step rollouts: the time limit truncates (never terminates) every 10th step, the
     finished return is the sum of the episode's rewards, every episode starts from a fresh start state (not the env's
@@ -169,6 +171,7 @@ def test_defaults_follow_the_paper_per_task():
     assert finger.gamma == 0.95
 
 
+@pytest.mark.slow
 def test_warp_physics_runs_the_same_contract(tmp_path):
     """The rollout, auto-reset included, also runs with MuJoCo Warp, whose state holds leaves without an env axis."""
     result = run_script("ppo_continuous.py", *CPU_ARGS, "--impl", "warp", "--total-timesteps", N, "--run-dir", tmp_path)

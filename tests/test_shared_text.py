@@ -2,6 +2,7 @@
 shows only what GoRL adds), compared by the source of each top-level definition."""
 
 import ast
+import functools
 import os
 
 import pytest
@@ -23,16 +24,23 @@ SHARED = {
             "RolloutCarry",
             "compute_advantages",
             "normalize_advantages",
+            # the run: files, checkpoints, the loop over iterations
             "write_atomic",
+            "is_key",
+            "save_arrays",
+            "read_arrays",
+            "restore_arrays",
+            "save_model",
+            "load_model",
+            "read_checkpoint",
             "run_metadata",
+            "Run",
+            "check_run_args",
         )
     },
     "gaussian_log_prob": ("ppo_continuous", *GORL),
     "gaussian_entropy": ("ppo_continuous", *GORL),
-    **{
-        name: ("ppo_continuous", "fpo", "dppo")
-        for name in ("TrainState", "make_train_iteration", "save_model", "load_model")
-    },
+    **{name: ("ppo_continuous", "fpo", "dppo") for name in ("TrainState", "make_train_iteration")},
     "time_embedding": ("fpo", "dppo"),
     "euler_integrate": ("gorl_ppo_fm", "fpo"),
 }
@@ -51,6 +59,7 @@ GORL_DECODER = {
 }
 
 
+@functools.cache
 def definitions(script):
     with open(os.path.join(ROOT, f"{script}.py")) as f:
         source = f.read()

@@ -5,6 +5,8 @@ minibatch of the update that follows it.
 The batches hold two samples taken in one state, one rewarded and one not. Every step terminates, so the advantage is
 reward - value, and after normalisation the rewarded sample's is +1, the other's -1."""
 
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,28 +79,14 @@ def two_sample_batch(module, params, networks, key):
 
 
 def networks_and_params(module, key, obs_size=OBS_SIZE, action_size=ACTION_SIZE):
-    """The script's (policy, critic) at the sizes its main() builds, and their initial parameters."""
-    policy_key, critic_key = jax.random.split(key)
-    obs, action = jnp.zeros((1, obs_size)), jnp.zeros((1, action_size))
-    critic = module.MLP((256,) * 5 + (1,))
-    if module is ppo_continuous:
-        policy = module.MLP((32,) * 4 + (2 * action_size,))
-        return (policy, critic), {"policy": policy.init(policy_key, obs), "critic": critic.init(critic_key, obs)}
-    if module in GORL:
-        policy = module.MLP((32,) * 4 + (2 * action_size,))
-        params = {"latent_policy": module.prior_params(policy, policy_key, obs_size)}
-        return (policy, critic), {**params, "critic": critic.init(critic_key, obs)}
-    if module is fpo:
-        policy = fpo.ConditionalField((32,) * 4, action_size, output_scale=0.25)
-    else:
-        policy = dppo.ConditionalField((32,) * 4, action_size)
-    params = {"policy": policy.init(policy_key, obs, action, jnp.zeros((1, 1))), "critic": critic.init(critic_key, obs)}
-    return (policy, critic), params
+    """The script's own networks, from its make_networks: (policy, critic) or GoRL's (latent policy, critic, decoder
+    network), and their initial parameters."""
+    return module.make_networks(SimpleNamespace(observation_size=obs_size, action_size=action_size), key)
 
 
 def one_update(module, args, networks, params, transitions, stats, settings=None):
     optimizer = optax.adam(1e-3)
-    update = module.make_update(*networks, optimizer, args)
+    update = module.make_update(networks[0], networks[1], optimizer, args)
     extra = () if settings is None else (settings,)
     return update(params, optimizer.init(params), stats, *extra, transitions, transitions.obs[-1], jax.random.key(7))
 
@@ -161,6 +149,7 @@ def env():
     return ppo_continuous.make_env("CartpoleSwingup", "jax")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, overrides", CASES, ids=lambda c: getattr(c, "ALGO", None) or str(c))
 def test_first_ratios_of_the_update_after_a_rollout_are_one(module, overrides, env):
     """The rollout stores what the loss recomputes (log-likelihoods, flow-matching losses) with the same observation
@@ -169,29 +158,26 @@ def test_first_ratios_of_the_update_after_a_rollout_are_one(module, overrides, e
     args = tiny_args(module, unroll_length=4, **overrides)  # rollouts of 4 steps in 2 envs
     key = jax.random.key(3)
     obs_size, action_size = env.observation_size, env.action_size
-    networks, params = networks_and_params(module, key, obs_size, action_size)
+    (policy, critic, *decoder_network), params = networks_and_params(module, key, obs_size, action_size)
     # Statistics that are far from the identity, so a rollout normalising differently from the loss would show.
     stats = module.update_running_stats(
         module.init_running_stats(obs_size), 3.0 + 2.0 * jax.random.normal(key, (50, obs_size))
     )
     if module in GORL:
-        decoder_network = module.ConditionalField((64,) * 4, action_size)
-        decoder = module.identity_decoder(decoder_network, key, obs_size, action_size)
-        init, rollout = module.make_rollout(env, networks[0], decoder_network, args.rollout_length, episode_length)
+        decoder = module.identity_decoder(*decoder_network, key, obs_size, action_size)
+        init, rollout = module.make_rollout(env, policy, *decoder_network, args.rollout_length, episode_length)
         policy_inputs = (params["latent_policy"], stats, decoder)
     elif module is fpo:
-        init, rollout = fpo.make_rollout(
-            env, networks[0], args.rollout_length, episode_length, args.ratio == "per_pair"
-        )
+        init, rollout = fpo.make_rollout(env, policy, args.rollout_length, episode_length, args.ratio == "per_pair")
         policy_inputs = (params["policy"], stats)
     else:
-        init, rollout = module.make_rollout(env, networks[0], args.rollout_length, episode_length)
+        init, rollout = module.make_rollout(env, policy, args.rollout_length, episode_length)
         policy_inputs = (params["policy"], stats)
     carry = jax.jit(init, static_argnums=1)(key, args.num_envs)
     carry, transitions, _ = jax.jit(rollout)(*policy_inputs, carry, key)
     settings = (module.stage_settings(args, 0),) if module in GORL else ()
     optimizer = optax.adam(1e-3)
-    update = module.make_update(*networks, optimizer, args)
+    update = module.make_update(policy, critic, optimizer, args)
     _, _, metrics = jax.jit(update)(
         params, optimizer.init(params), stats, *settings, transitions, carry.env_state.obs, key
     )
@@ -199,6 +185,7 @@ def test_first_ratios_of_the_update_after_a_rollout_are_one(module, overrides, e
     assert abs(float(metrics["approx_kl"])) < 1e-7
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", GORL)
 def test_decoder_data_pairs_each_pre_tanh_action_with_the_observation_it_was_taken_in(module, env):
     """Replaying the collected pairs reproduces the collection: from the start states, each env is stepped with
@@ -206,8 +193,7 @@ def test_decoder_data_pairs_each_pre_tanh_action_with_the_observation_it_was_tak
     env, episode_length = env
     key = jax.random.key(4)
     obs_size, action_size = env.observation_size, env.action_size
-    (latent_policy, _), params = networks_and_params(module, key, obs_size, action_size)
-    decoder_network = module.ConditionalField((64,) * 4, action_size)
+    (latent_policy, _, decoder_network), params = networks_and_params(module, key, obs_size, action_size)
     decoder = module.identity_decoder(decoder_network, key, obs_size, action_size)
     init, rollout = module.make_rollout(env, latent_policy, decoder_network, 5, episode_length)
     start = jax.jit(init, static_argnums=1)(key, 3)
