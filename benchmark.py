@@ -606,7 +606,7 @@ def main(argv=None):
     speed_parser.add_argument("--timeout", type=int, default=3600, help="seconds allowed per measurement")
     cell_parser = commands.add_parser("_cell")  # one run of a grid, new or resumed (used by --slurm's array tasks)
     for name in ("preset", "algo", "env_id", "seed", "out"):
-        cell_parser.add_argument(name)
+        cell_parser.add_argument(name, type=int if name == "seed" else str)
     stepping_parser = commands.add_parser("_stepping")  # one measurement, in its own process (used by `speed`)
     stepping_parser.add_argument("script")
     stepping_parser.add_argument("env_id")
@@ -621,7 +621,7 @@ def main(argv=None):
     elif args.command == "speed":
         speed(args)
     elif args.command == "_cell":
-        command = cell_command(args.preset, args.algo, args.env_id, int(args.seed), args.out)
+        command = cell_command(args.preset, args.algo, args.env_id, args.seed, args.out)
         os.execv(command[0], command)
     else:
         sys.path.insert(0, ROOT)

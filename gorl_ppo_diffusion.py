@@ -1147,8 +1147,9 @@ def main(args):
         run.log_evaluation(returns, model)
 
     # Where the stage loop stands, checkpointed whole: the stage, its record, and its final and best evaluated encoders
-    # (the candidates for the next decoder's data) with their parameters in `encoders`.
+    # (the candidates for the next decoder's data), whose parameters are in `encoders`.
     progress = {"stage": 0, "iteration": 0, "collection_steps": 0, "records": [], "record": {"stage": 0}, "best": None}
+    encoders = {}
 
     def keep_encoder(iteration, state):
         """Note the encoder just evaluated as the stage's final one and, if no worse, its best (ties to the later);
@@ -1164,7 +1165,8 @@ def main(args):
         keep_encoder(iteration, state)
 
     def resume_point(iteration, state):
-        best = encoders["best"] if progress["best"] else encoders["final"]  # placeholder until the stage's first
+        # Before the stage's first evaluation there is no best encoder yet: the final one keeps its place in the file.
+        best = encoders["best"] if progress["best"] else encoders["final"]
         return {**progress, "iteration": iteration}, {
             "state": state,
             "decoder": decoder,
@@ -1186,16 +1188,16 @@ def main(args):
         evaluate_model(model)
     if sum(args.stage_iterations) > 0:
         if checkpoint:
-            progress = run.progress
+            progress.update(run.progress)
             encoder = {"latent_policy": state.params["latent_policy"], "obs_stats": state.obs_stats}
             target = {"state": state, "decoder": decoder, "best": encoder, "final": encoder}
             restored = restore_arrays(checkpoint[1], target, f"--resume {run.path}")
             state, decoder = restored["state"], restored["decoder"]
-            encoders = {"final": restored["final"], "best": restored["best"] if progress["best"] else None}
+            encoders.update(final=restored["final"], best=restored["best"] if progress["best"] else None)
         else:
-            encoders = {}
             keep_encoder(0, state)  # stage 0's step-0 evaluation is a candidate too, as in the authors' loop
             run.checkpoint(*resume_point(0, state))
+            run.stop_if_requested()
         resume_stage, resume_iteration = progress["stage"], progress["iteration"]
         for stage in range(resume_stage, len(args.stage_iterations)):
             first_iteration = resume_iteration + 1 if stage == resume_stage else 1

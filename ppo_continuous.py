@@ -817,6 +817,7 @@ def main(args):
             state = restore_arrays(checkpoint[1], state, f"--resume {run.path}")
         else:
             run.checkpoint(*resume_point(0, state))
+            run.stop_if_requested()
         state = run.train(
             train_iteration,
             state,
