@@ -86,6 +86,9 @@ class Args:
     load_model: Optional[str] = None
     """start from a `model.msgpack` saved by this script, counting env steps on from the step it was saved at; with
     `--stage-timesteps 0` it is only evaluated (on the episodes its own run evaluated it on)"""
+    compilation_cache_dir: str = os.environ.get("JAX_COMPILATION_CACHE_DIR", "~/.cache/gorl/jax")
+    """where compiled XLA programs are kept, so that the next start of the same configuration loads them instead of
+    compiling again; default $JAX_COMPILATION_CACHE_DIR, else ~/.cache/gorl/jax; "" turns the cache off"""
     track: bool = False
     """also log to Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "gorl"
@@ -1096,6 +1099,8 @@ def check_args(args):
 def main(args):
     args, checkpoint = read_checkpoint(args.resume) if args.resume else (args, None)
     check_args(args)
+    # MJX programs take tens of seconds to compile: later runs load them from the cache instead.
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compilation_cache_dir) or None)
     key = jax.random.key(args.seed)
     network_key, env_key, eval_key, train_key, decoder_key, histogram_key = jax.random.split(key, 6)
     env, episode_length = make_env(args.env_id, args.impl)

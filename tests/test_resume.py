@@ -243,3 +243,24 @@ def test_every_task_the_scripts_accept_loads(impl):
         env, episode_length = ppo_continuous.make_env(env_id, impl)
         state = jax.eval_shape(env.reset, jax.random.key(0))
         assert state.obs.shape == (env.observation_size,) and episode_length > 0, env_id
+
+
+@pytest.mark.slow
+def test_compiled_programs_are_cached_where_asked_and_not_when_turned_off(tmp_path):
+    """The persistent compilation cache is on by default ($JAX_COMPILATION_CACHE_DIR, else a per-user folder); the
+    option moves it, and "" turns it off even where the environment variable is set."""
+    environment = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "from_environment")}
+    for cache, expected in ((tmp_path / "asked", tmp_path / "asked"), ("", None)):
+        result = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "ppo_continuous.py"), *map(str, CPU_ARGS), "--total-timesteps", "0"]
+            + ["--run-dir", str(tmp_path / "runs"), "--compilation-cache-dir", str(cache)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=environment,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        if expected is not None:
+            assert os.listdir(expected), "nothing was cached"
+    assert not os.path.exists(tmp_path / "from_environment")
