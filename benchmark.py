@@ -404,6 +404,8 @@ def summarize_folder(folder, out, expected=None):
     lines += ["", f"Env steps per run: {', '.join(f'{s:,}' for s in steps)}. Runs read from {folder}."]
     if missing:
         lines += ["", f"Missing runs ({len(missing)}): " + "; ".join(f"{a} on {e}, seed {s}" for a, e, s in missing)]
+    aggregate = aggregate_over_tasks(runs, algos, env_ids)
+    lines += aggregate_lines(aggregate)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -412,6 +414,7 @@ def summarize_folder(folder, out, expected=None):
             {
                 "table": table,
                 "missing": [{"algo": a, "env_id": e, "seed": s} for a, e, s in missing],
+                "aggregate": aggregate,
                 "runs": [{k: v for k, v in r.items() if k != "curve"} for r in runs.values()],
             },
             f,
@@ -419,6 +422,8 @@ def summarize_folder(folder, out, expected=None):
         )
     for env_id in env_ids:
         plot_curves(runs, algos, env_id, os.path.join(out, f"curves_{env_id}.png"))
+    if aggregate["algos"]:
+        plot_performance_profiles(aggregate, os.path.join(out, "performance_profile.png"))
     print("\n".join(lines))
 
 
@@ -446,6 +451,178 @@ def plot_curves(runs, algos, env_id, path):
             alpha=0.2,
         )
     axes.set(title=env_id, xlabel="env steps", ylabel="eval return")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+# The aggregate over tasks of rliable (Agarwal et al., "Deep RL at the Edge of the Statistical Precipice", NeurIPS 2021),
+# computed with scipy rather than rliable itself, which brings arch, pandas and seaborn along: rliable's IQM is
+# scipy.stats.trim_mean(scores, 0.25) over all runs of all tasks, and its stratified bootstrap, which resamples each
+# task's runs on their own, is scipy.stats.bootstrap given one sample per task (paired=False).
+DMC_RETURN_RANGE = (0.0, 1000.0)  # 1000 steps, each rewarded in [0, 1]
+AGGREGATE_RESAMPLES = 50_000  # rliable's default for interval estimates
+PROFILE_RESAMPLES = 2_000  # rliable's default for performance profiles, whose statistic is a whole curve
+PROFILE_TAUS = 101  # thresholds 0, 0.01, ..., 1
+BOOTSTRAP_SEED = 0  # the same resamples every time, so results.md does not change unless the runs do
+
+
+def iqm_and_mean(scores_by_task):
+    """[IQM, mean] of normalised scores given one array per task (runs on the last axis, any axes before it broadcast),
+    as rliable defines them: the IQM pools all runs of all tasks and drops the int(n / 4) lowest and highest of the n
+    (trim_mean's cut, rliable's too: below 4 runs nothing is dropped); the mean is the mean over tasks of each task's
+    mean, so that every task weighs the same. rliable needs as many runs on every task; where counts differ, a task
+    with more runs weighs more in the pooled IQM."""
+    import numpy as np
+    from scipy import stats
+
+    iqm = stats.trim_mean(np.concatenate(scores_by_task, axis=-1), 0.25, axis=-1)
+    mean = np.mean([np.mean(scores, axis=-1) for scores in scores_by_task], axis=0)
+    return np.stack([iqm, mean], axis=-1)
+
+
+def performance_profile(scores_by_task, taus):
+    """For each tau, the fraction of runs whose normalised score exceeds it, averaged over tasks (one array per task,
+    as in iqm_and_mean): rliable's score distribution, which takes the fraction of all runs x tasks and so weighs tasks
+    equally only because it needs as many runs on every task; averaging per task keeps that weighting when counts
+    differ."""
+    import numpy as np
+
+    return np.mean([np.mean(scores[..., None, :] > taus[:, None], axis=-1) for scores in scores_by_task], axis=0)
+
+
+def stratified_bootstrap(scores_by_task, statistic, resamples):
+    """statistic(scores_by_task) and the bounds of its 95% interval: the 2.5 and 97.5 percentiles of the statistic over
+    `resamples` stratified resamples, each of which redraws every task's runs with replacement, task by task, so that it
+    keeps every task and its number of runs (rliable's get_interval_estimates, method "percentile"). It measures the
+    uncertainty of having run only these seeds on these tasks. `statistic` broadcasts over the axes before the runs."""
+    import numpy as np
+    from scipy import stats
+
+    point = statistic(scores_by_task)
+    # scipy refuses a sample of one run; resampling it could only give it back, so such a task stays as it is.
+    varying = [i for i, scores in enumerate(scores_by_task) if len(scores) > 1]
+    if not varying:
+        return point, point, point  # one run per task: nothing to resample, the interval shrinks to the point
+
+    def resampled_statistic(*resampled, axis=-1):  # scipy's batches: (resamples, runs), so axis is always -1
+        tasks = list(scores_by_task)
+        for i, scores in zip(varying, resampled, strict=True):
+            tasks[i] = scores
+        batch = resampled[0].shape[:-1]
+        # scipy wants the resamples on the statistic's last axis.
+        return np.moveaxis(statistic([np.broadcast_to(s, (*batch, s.shape[-1])) for s in tasks]), 0, -1)
+
+    result = stats.bootstrap(
+        [scores_by_task[i] for i in varying],
+        resampled_statistic,
+        n_resamples=resamples,
+        vectorized=True,
+        paired=False,  # each task resampled on its own: the stratified bootstrap
+        method="percentile",
+        confidence_level=0.95,
+        rng=np.random.default_rng(BOOTSTRAP_SEED),
+    )
+    return point, result.confidence_interval.low, result.confidence_interval.high
+
+
+def aggregate_over_tasks(runs, algos, env_ids):
+    """The tasks on which every algorithm has runs and, over those tasks, each algorithm's IQM and mean normalised final
+    return with their 95% stratified-bootstrap intervals and its performance profile with its 95% band. Only tasks
+    that every algorithm ran enter, so that each algorithm's aggregate is over the same tasks."""
+    import numpy as np
+
+    tasks = [e for e in env_ids if all(any(cell[:2] == (algo, e) for cell in runs) for algo in algos)]
+    taus = np.linspace(0.0, 1.0, PROFILE_TAUS)
+    low, high = DMC_RETURN_RANGE
+    aggregate = {
+        "tasks": tasks,
+        "return_range": [low, high],
+        "resamples": AGGREGATE_RESAMPLES,
+        "profile_resamples": PROFILE_RESAMPLES,
+        "taus": taus.tolist(),
+        "algos": {},
+    }
+    for algo in algos if tasks else ():
+        scores_by_task = []
+        for env_id in tasks:
+            returns = [r["final_eval_return"] for (a, e, _), r in sorted(runs.items()) if (a, e) == (algo, env_id)]
+            scores_by_task.append((np.array(returns) - low) / (high - low))
+        point, lower, upper = stratified_bootstrap(scores_by_task, iqm_and_mean, AGGREGATE_RESAMPLES)
+        profile, profile_lower, profile_upper = stratified_bootstrap(
+            scores_by_task, lambda scores: performance_profile(scores, taus), PROFILE_RESAMPLES
+        )
+        aggregate["algos"][algo] = {
+            "runs_per_task": {env_id: len(scores) for env_id, scores in zip(tasks, scores_by_task, strict=True)},
+            "iqm": float(point[0]),
+            "iqm_ci": [float(lower[0]), float(upper[0])],
+            "mean": float(point[1]),
+            "mean_ci": [float(lower[1]), float(upper[1])],
+            "profile": profile.tolist(),
+            "profile_ci": [profile_lower.tolist(), profile_upper.tolist()],
+        }
+    return aggregate
+
+
+def aggregate_lines(aggregate):
+    """The aggregate's section of results.md."""
+    tasks, low, high = aggregate["tasks"], *aggregate["return_range"]
+    lines = ["", "## Aggregate over tasks: IQM and mean of normalised final returns, with 95% bootstrap intervals", ""]
+    if not aggregate["algos"]:
+        return lines + ["No task has runs of every algorithm, so there is no aggregate."]
+    lines += [
+        f"The table's final returns on the {len(tasks)} task{'s' * (len(tasks) > 1)} every algorithm ran "
+        f"({', '.join(tasks)}), normalised by the DMC return range [{low:g}, {high:g}]. IQM: rliable's interquartile "
+        "mean (Agarwal et al., NeurIPS 2021), the mean of all tasks' runs pooled without the int(n / 4) lowest and "
+        "highest (under 4 runs, the plain mean): an outlier seed moves it little, and it is less noisy than the median. "
+        "Mean: over tasks, of each task's mean (the optimality gap at 1 is 1 - mean). [a, b]: the 95% stratified "
+        f"bootstrap interval ({aggregate['resamples']:,} resamples, each redrawing every task's runs with replacement, "
+        "task by task): the uncertainty from the seeds, not from the choice of tasks; a task with one run adds none, "
+        "and with one run per task there is none. performance_profile.png: the fraction of runs above each normalised "
+        f"score, averaged over tasks, with its 95% band ({aggregate['profile_resamples']:,} resamples).",
+    ]
+    if any(len(set(entry["runs_per_task"].values())) > 1 for entry in aggregate["algos"].values()):
+        lines[-1] += " Runs per task differ: the IQM pools runs, so there a task with more runs weighs more."
+    lines += [
+        "",
+        "| method | runs | IQM [95% CI] | mean [95% CI] |",
+        "|---|---|---|---|",
+    ]
+    for algo, entry in aggregate["algos"].items():
+        counts = list(entry["runs_per_task"].values())
+        per_task = f"{counts[0]} per task" if len(set(counts)) == 1 else f"{', '.join(map(str, counts))} per task"
+        if max(counts) == 1:
+            iqm, mean = f"{entry['iqm']:.3f} (no interval)", f"{entry['mean']:.3f} (no interval)"
+        else:
+            iqm = f"{entry['iqm']:.3f} [{entry['iqm_ci'][0]:.3f}, {entry['iqm_ci'][1]:.3f}]"
+            mean = f"{entry['mean']:.3f} [{entry['mean_ci'][0]:.3f}, {entry['mean_ci'][1]:.3f}]"
+        lines.append(f"| {ALGO_NAMES.get(algo, algo)} | {sum(counts)} ({per_task}) | {iqm} | {mean} |")
+    return lines
+
+
+def plot_performance_profiles(aggregate, path):
+    """rliable's performance profile: per algorithm, the fraction of runs whose normalised final return exceeds tau,
+    against tau, with its 95% stratified-bootstrap band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for algo, entry in aggregate["algos"].items():
+        runs = sum(entry["runs_per_task"].values())
+        label = f"{ALGO_NAMES.get(algo, algo)} ({runs} runs)"
+        line = axes.plot(aggregate["taus"], entry["profile"], label=label)[0]
+        axes.fill_between(aggregate["taus"], *entry["profile_ci"], color=line.get_color(), alpha=0.2)
+    low, high = aggregate["return_range"]
+    axes.set(
+        title=f"Performance profile, runs of {len(aggregate['tasks'])} task{'s' * (len(aggregate['tasks']) > 1)}",
+        xlabel=rf"final return normalised by [{low:g}, {high:g}], $\tau$",
+        ylabel=r"fraction of runs with score > $\tau$",
+        xlim=(0.0, 1.0),
+        ylim=(0.0, 1.02),
+    )
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)

@@ -220,3 +220,126 @@ def test_slurm_tasks_requeue_when_stopped_and_pick_their_command_when_they_start
     assert (
         'if [ "$status" -eq 143 ]; then scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"; fi' in script
     )
+
+
+# The aggregate over tasks. Final returns on two tasks, chosen so that hand-computed statistics tell rliable's choices
+# apart: trim_mean's int(n / 4) cut where a quarter of the runs is fractional, tasks weighed equally in the mean and the
+# profile where their run counts differ, tasks resampled apart (Cheetah's runs all above Hopper's), one run per task.
+AGGREGATE_FINALS = {
+    "ppo_continuous": {"CheetahRun": [700, 800, 900, 1000, 600], "HopperStand": [0, 50, 100, 150, 200]},
+    "gorl_ppo_fm": {"CheetahRun": [800, 600, 700, 900], "HopperStand": [200, 300, 1000]},
+    "fpo": {"CheetahRun": [400], "HopperStand": [100, 300, 900]},
+    "dppo": {"CheetahRun": [400], "HopperStand": [100]},
+}
+
+
+@pytest.fixture(scope="module")
+def aggregate_summary(tmp_path_factory):
+    """The summary folder of runs with AGGREGATE_FINALS as final returns."""
+    root = tmp_path_factory.mktemp("aggregate")
+    for algo, finals_by_task in AGGREGATE_FINALS.items():
+        for env_id, finals in finals_by_task.items():
+            for seed, final in enumerate(finals, start=1):
+                fabricate_run(root, algo, env_id, seed, float(final))
+    benchmark.summarize_folder(str(root), str(root / "summary"))
+    return root / "summary"
+
+
+def plain_stratified_interval(scores_by_task, resamples, rng):
+    """The 95% percentile bounds of [IQM, mean] under a stratified bootstrap written out with numpy alone: each task's
+    runs redrawn with replacement on their own; the IQM by sorting the pooled runs and cutting n // 4 at each end."""
+    import numpy as np
+
+    redrawn = [scores[rng.integers(0, len(scores), (resamples, len(scores)))] for scores in scores_by_task]
+    pooled = np.sort(np.concatenate(redrawn, axis=1), axis=1)
+    cut = pooled.shape[1] // 4
+    iqm = pooled[:, cut : pooled.shape[1] - cut].mean(axis=1)
+    mean = np.mean([scores.mean(axis=1) for scores in redrawn], axis=0)
+    return np.percentile(np.stack([iqm, mean], axis=1), [2.5, 97.5], axis=0)  # [[low IQM, low mean], [high ...]]
+
+
+def test_aggregate_iqm_and_mean_match_hand_computation_and_a_plain_stratified_bootstrap(aggregate_summary):
+    import numpy as np
+
+    aggregate = read_json(aggregate_summary / "results.json")["aggregate"]
+    assert aggregate["tasks"] == ["CheetahRun", "HopperStand"]
+    algos = aggregate["algos"]
+    # PPO, 10 runs: 0, 50, 100, 150, 200, 600, 700, 800, 900, 1000. A quarter of 10 is 2.5, and trim_mean (rliable's
+    # IQM) cuts int(2.5) = 2 at each end: 425, where a fractional cut (half of 100 and of 800) would give 420.
+    assert algos["ppo_continuous"]["iqm"] == pytest.approx((100 + 150 + 200 + 600 + 700 + 800) / 6 / 1000)
+    assert algos["ppo_continuous"]["mean"] == pytest.approx((800 + 100) / 2 / 1000)
+    # GoRL(FM), 7 runs: 200, 300, 600, 700, 800, 900, 1000, int(1.75) = 1 cut at each end. The mean weighs each task
+    # the same, (750 + 500) / 2, where the runs pooled would give 4500 / 7.
+    assert algos["gorl_ppo_fm"]["iqm"] == pytest.approx((300 + 600 + 700 + 800 + 900) / 5 / 1000)
+    assert algos["gorl_ppo_fm"]["mean"] == pytest.approx((750 + 500) / 2 / 1000)
+    assert algos["gorl_ppo_fm"]["runs_per_task"] == {"CheetahRun": 4, "HopperStand": 3}
+    # FPO, 4 runs: 100, 300, 400, 900, one cut at each end.
+    assert algos["fpo"]["iqm"] == pytest.approx((300 + 400) / 2 / 1000)
+    # DPPO, one run per task: under 4 runs nothing is cut, and there is nothing to resample.
+    assert algos["dppo"]["iqm"] == algos["dppo"]["mean"] == pytest.approx((400 + 100) / 2 / 1000)
+    assert algos["dppo"]["iqm_ci"] == algos["dppo"]["mean_ci"] == pytest.approx([0.25, 0.25])
+
+    # The intervals agree with an independent bootstrap. These scores take few values, so the percentiles of 50,000
+    # resamples land on the same values every time; 0.01 is far below the gap to a bootstrap that pools the tasks.
+    for algo in ("ppo_continuous", "gorl_ppo_fm", "fpo"):
+        scores_by_task = [np.array(finals) / 1000 for finals in AGGREGATE_FINALS[algo].values()]
+        low, high = plain_stratified_interval(scores_by_task, 50_000, np.random.default_rng(1))
+        assert algos[algo]["iqm_ci"] == pytest.approx([low[0], high[0]], abs=0.01), algo
+        assert algos[algo]["mean_ci"] == pytest.approx([low[1], high[1]], abs=0.01), algo
+
+
+def test_aggregate_performance_profile_matches_hand_counted_fractions(aggregate_summary):
+    aggregate = read_json(aggregate_summary / "results.json")["aggregate"]
+    taus = aggregate["taus"]
+
+    def profile(algo, tau):
+        index = round(tau * 100)
+        assert taus[index] == pytest.approx(tau)
+        entry = aggregate["algos"][algo]
+        return entry["profile"][index], entry["profile_ci"][0][index], entry["profile_ci"][1][index]
+
+    # PPO: Cheetah's 0.6..1.0 and Hopper's 0..0.2; "above" is strict, so Hopper's 0 does not count at tau = 0.
+    assert profile("ppo_continuous", 0.0)[0] == pytest.approx((5 / 5 + 4 / 5) / 2)
+    assert profile("ppo_continuous", 0.25)[0] == pytest.approx((5 / 5 + 0 / 5) / 2)
+    assert profile("ppo_continuous", 1.0)[0] == 0.0
+    # At 0.75, 3 of Cheetah's 5 runs are above and none of Hopper's: 0.3. A stratified resample holds k ~ Binomial(5,
+    # 0.6) of Cheetah's above (and still none of Hopper's): P(k = 0) = 1% and P(k <= 1) = 8.7%, P(k = 5) = 7.8%, so the
+    # 95% band is k = 1 to 5, [0.1, 0.5].
+    assert profile("ppo_continuous", 0.75) == pytest.approx((0.3, 0.1, 0.5))
+    # GoRL(FM): each task weighs the same, (4/4 + 1/3) / 2, where the runs pooled would give 5/7.
+    assert profile("gorl_ppo_fm", 0.5)[0] == pytest.approx((4 / 4 + 1 / 3) / 2)
+    assert profile("gorl_ppo_fm", 0.75)[0] == pytest.approx((2 / 4 + 1 / 3) / 2)
+    # DPPO, one run per task: 400 and 100, and no band.
+    assert profile("dppo", 0.3) == pytest.approx((0.5, 0.5, 0.5))
+
+
+def test_aggregate_section_and_performance_profile_plot(aggregate_summary, tmp_path):
+    markdown = (aggregate_summary / "results.md").read_text()
+    heading = "\n## Aggregate over tasks: IQM and mean of normalised final returns, with 95% bootstrap intervals\n"
+    section = markdown.split(heading)[1]
+    assert "on the 2 tasks every algorithm ran (CheetahRun, HopperStand)" in section
+    assert "Runs per task differ" in section
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| method | runs | IQM [95% CI] | mean [95% CI] |"
+    assert rows[1].startswith("| PPO | 10 (5 per task) | 0.425 [")
+    assert rows[2].startswith("| FPO | 4 (1, 3 per task) | 0.350 [")
+    assert rows[3] == "| DPPO | 2 (1 per task) | 0.250 (no interval) | 0.250 (no interval) |"
+    assert rows[4].startswith("| GoRL(FM) | 7 (4, 3 per task) | 0.660 [")
+    plot = (aggregate_summary / "performance_profile.png").read_bytes()
+    assert plot[:4] == b"\x89PNG" and len(plot) > 10_000
+    # The bootstrap is seeded: the same runs give the same results.md, and the same profile bands (whose 2,000
+    # resamples, unlike the intervals' 50,000, give other bounds under another seed).
+    benchmark.summarize_folder(str(aggregate_summary.parent), str(tmp_path))
+    assert (tmp_path / "results.md").read_text() == markdown
+    again, before = (read_json(path / "results.json")["aggregate"] for path in (tmp_path, aggregate_summary))
+    assert again == before
+
+
+def test_aggregate_needs_a_task_every_algorithm_ran(tmp_path):
+    fabricate_run(tmp_path, "ppo_continuous", "FishSwim", 1, 40.0)
+    fabricate_run(tmp_path, "dppo", "WalkerWalk", 1, 123.0)
+    benchmark.summarize_folder(str(tmp_path), str(tmp_path / "summary"))
+    markdown = (tmp_path / "summary" / "results.md").read_text()
+    assert "No task has runs of every algorithm, so there is no aggregate." in markdown
+    assert read_json(tmp_path / "summary" / "results.json")["aggregate"]["algos"] == {}
+    assert not (tmp_path / "summary" / "performance_profile.png").exists()
