@@ -21,6 +21,7 @@ import importlib
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -715,6 +716,27 @@ def measure_training(script, env_id, impl, timeout):
     return measured
 
 
+def measure_startup(script, env_id, impl, timeout):
+    """Seconds from the start of the script's process to the end of its second training iteration, first with an empty
+    compilation cache (cold), then with the cache that run filled (warm): what a user waits before the first results,
+    its two iterations included (GoRL: in one stage)."""
+    budget = ("--stage-timesteps" if script.startswith("gorl") else "--total-timesteps", 2 * SPEED_STEPS)
+    startup = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for start in ("cold", "warm"):
+            command = [sys.executable, os.path.join(ROOT, script), "--env-id", env_id, "--impl", impl, *SPEED_ARGS]
+            command += [*budget, "--eval-interval", 10**12, "--run-dir", folder]
+            command += ["--compilation-cache-dir", os.path.join(folder, "cache")]
+            begin = time.perf_counter()
+            process = subprocess.Popen(list(map(str, command)), cwd=ROOT, stdout=subprocess.PIPE, text=True)
+            for line in process.stdout:
+                if re.search(r"\biter +2/", line):
+                    startup[f"startup_{start}_s"] = time.perf_counter() - begin
+            if process.wait(timeout) != 0 or f"startup_{start}_s" not in startup:
+                raise RuntimeError(f"{' '.join(map(str, command))} failed or printed no second iteration")
+    return startup
+
+
 def speed(args):
     scripts = [s for s in args.scripts if os.path.exists(os.path.join(ROOT, s))]
     rows = []
@@ -729,6 +751,7 @@ def speed(args):
                     raise RuntimeError(f"stepping measurement failed:\n{stepping.stderr[-2000:]}")
                 row = {"script": script, "env_id": env_id, "impl": impl, **json.loads(stepping.stdout.splitlines()[-1])}
                 row.update(measure_training(script, env_id, impl, args.timeout))
+                row.update(measure_startup(script, env_id, impl, args.timeout))
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     print(speed_table(rows))
@@ -743,8 +766,9 @@ def speed_table(rows):
         f"({' '.join(map(str, SPEED_ARGS))}).",
         "",
         "| script | task | impl | training | rollout alone | pure stepping | rollout / pure stepping time "
-        "| rollout share of an iteration | decoder pairs/s | stage transition (s) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| rollout share of an iteration | decoder pairs/s | stage transition (s) "
+        "| start-up to iteration 2, cold (s) | warm (s) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         gorl = (
@@ -753,7 +777,7 @@ def speed_table(rows):
         lines.append(
             f"| {r['script']} | {r['env_id']} | {r['impl']} | {r['train_sps']:,.0f} | {r['rollout_sps']:,.0f} "
             f"| {r['pure_step_sps']:,.0f} | {r['pure_step_sps'] / r['rollout_sps']:.2f} "
-            f"| {r['train_sps'] / r['rollout_sps']:.0%} | {gorl} |"
+            f"| {r['train_sps'] / r['rollout_sps']:.0%} | {gorl} | {r['startup_cold_s']:.0f} | {r['startup_warm_s']:.0f} |"
         )
     return "\n".join(lines)
 

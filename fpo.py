@@ -38,6 +38,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from typing import Any, Literal, NamedTuple, Optional, Sequence
@@ -217,12 +218,15 @@ def make_networks(env, key):
     policy_key, critic_key = jax.random.split(key)
     policy = ConditionalField((32,) * 4, env.action_size, output_scale=0.25)
     critic = MLP((256,) * 5 + (1,))
-    dummy_obs, dummy_action = jnp.zeros((1, env.observation_size)), jnp.zeros((1, env.action_size))
-    params = {
-        "policy": policy.init(policy_key, dummy_obs, dummy_action, jnp.zeros((1, 1))),
-        "critic": critic.init(critic_key, dummy_obs),
-    }
-    return (policy, critic), params
+
+    def init(policy_key, critic_key):
+        dummy_obs, dummy_action = jnp.zeros((1, env.observation_size)), jnp.zeros((1, env.action_size))
+        return {
+            "policy": policy.init(policy_key, dummy_obs, dummy_action, jnp.zeros((1, 1))),
+            "critic": critic.init(critic_key, dummy_obs),
+        }
+
+    return (policy, critic), jax.jit(init)(policy_key, critic_key)  # one program, not one compile per operation
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -235,7 +239,11 @@ def make_env(env_id, impl):
         mujoco.MjSpec.find_body = mujoco.MjSpec.body
     config = registry.get_default_config(env_id)
     config.impl = impl
-    return registry.load(env_id, config=config), config.episode_length
+    env = registry.load(env_id, config=config)
+    # Jitted, the physics is traced once per process and its trace reused by every program that steps or resets it
+    # (tracing CheetahRun's reset, 200 settling steps, takes two seconds).
+    env.reset, env.step = jax.jit(env.reset), jax.jit(env.step)
+    return env, config.episode_length
 
 
 class RunningStats(NamedTuple):
@@ -853,13 +861,20 @@ def main(args):
     print(f"{args.env_id} ({args.impl}): {args.num_iterations} iterations x {steps_per_iteration:,} env steps")
     print("compiling...")
     compile_start = time.time()
-    evaluate = jax.jit(evaluate).lower(model["params"]["policy"], model["obs_stats"], eval_key, True).compile()
+    # XLA compiles a program on about one core: each one compiles in a thread of its own while the next is traced, and
+    # the evaluation at step 0 runs while the training iteration still compiles.
+    compiler = ThreadPoolExecutor()
+    evaluate = jax.jit(evaluate).lower(model["params"]["policy"], model["obs_stats"], eval_key, True)
+    evaluate = compiler.submit(evaluate.compile)
     if args.num_iterations > 0:
-        init_carry = jax.jit(init_rollout, static_argnums=1)(env_key, args.num_envs)
-        state = TrainState(model["params"], optimizer.init(model["params"]), model["obs_stats"], init_carry, train_key)
-        train_iteration = jax.jit(make_train_iteration(rollout, update), donate_argnums=0).lower(state).compile()
-    run.compile_time = time.time() - compile_start
-    print(f"compiled in {run.compile_time:.1f} s")
+        init_rollout = jax.jit(init_rollout, static_argnums=1).trace(env_key, args.num_envs)
+        state = TrainState(
+            model["params"], optimizer.init(model["params"]), model["obs_stats"], init_rollout.out_info, train_key
+        )
+        init_rollout = compiler.submit(init_rollout.lower().compile)
+        train_iteration = jax.jit(make_train_iteration(rollout, update), donate_argnums=0).lower(state)
+        train_iteration = compiler.submit(train_iteration.compile)
+    evaluate = evaluate.result()
 
     def evaluate_model(model):
         # New start states at every evaluation, from a key of its env step; both modes on the same ones (paired).
@@ -873,6 +888,11 @@ def main(args):
 
     if not checkpoint:
         evaluate_model(model)
+    if args.num_iterations > 0:
+        state = state._replace(rollout_carry=init_rollout.result()(env_key))
+        train_iteration = train_iteration.result()
+    run.compile_time = time.time() - compile_start
+    print(f"compiled in {run.compile_time:.1f} s")
     if args.num_iterations > 0:
         if checkpoint:
             state = restore_arrays(checkpoint[1], state, f"--resume {run.path}")

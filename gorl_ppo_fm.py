@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from importlib import metadata
@@ -261,12 +262,15 @@ def make_networks(env, key):
     policy_key, critic_key = jax.random.split(key)
     latent_policy, critic = MLP((32,) * 4 + (2 * env.action_size,)), MLP((256,) * 5 + (1,))
     decoder_network = ConditionalField((64,) * 4, env.action_size)
-    # The encoder starts every stage at the prior (the authors' code re-created it from the seed instead).
-    params = {
-        "latent_policy": prior_params(latent_policy, policy_key, env.observation_size),
-        "critic": critic.init(critic_key, jnp.zeros((1, env.observation_size))),
-    }
-    return (latent_policy, critic, decoder_network), params
+
+    def init(policy_key, critic_key):
+        # The encoder starts every stage at the prior (the authors' code re-created it from the seed instead).
+        return {
+            "latent_policy": prior_params(latent_policy, policy_key, env.observation_size),
+            "critic": critic.init(critic_key, jnp.zeros((1, env.observation_size))),
+        }
+
+    return (latent_policy, critic, decoder_network), jax.jit(init)(policy_key, critic_key)  # one program, not many
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -279,7 +283,11 @@ def make_env(env_id, impl):
         mujoco.MjSpec.find_body = mujoco.MjSpec.body
     config = registry.get_default_config(env_id)
     config.impl = impl
-    return registry.load(env_id, config=config), config.episode_length
+    env = registry.load(env_id, config=config)
+    # Jitted, the physics is traced once per process and its trace reused by every program that steps or resets it
+    # (tracing CheetahRun's reset, 200 settling steps, takes two seconds).
+    env.reset, env.step = jax.jit(env.reset), jax.jit(env.step)
+    return env, config.episode_length
 
 
 class RunningStats(NamedTuple):
@@ -1105,23 +1113,23 @@ def main(args):
         f"{steps_per_iteration:,} env steps; compiling..."
     )
     compile_start = time.time()
+    # XLA compiles a program on about one core: each one compiles in a thread of its own while the next is traced, and
+    # the evaluation at step 0 runs while the training iteration still compiles.
+    compiler = ThreadPoolExecutor()
     policy_params, obs_stats, decoder = model["params"]["latent_policy"], model["obs_stats"], model["decoder"]
-    evaluate = jax.jit(evaluate).lower(policy_params, obs_stats, decoder, eval_key, True).compile()
+    evaluate = jax.jit(evaluate).lower(policy_params, obs_stats, decoder, eval_key, True)
+    evaluate = compiler.submit(evaluate.compile)
     if sum(args.stage_iterations) > 0:
-        init_carry = jax.jit(init_rollout, static_argnums=1)(env_key, args.num_envs)
-        state = TrainState(model["params"], optimizer.init(model["params"]), obs_stats, init_carry, train_key)
-        train_iteration = (
-            jax.jit(make_train_iteration(rollout, update), donate_argnums=0)
-            .lower(state, decoder, stage_settings(args, 0))
-            .compile()
+        init_rollout = jax.jit(init_rollout, static_argnums=1).trace(env_key, args.num_envs)
+        state = TrainState(
+            model["params"], optimizer.init(model["params"]), obs_stats, init_rollout.out_info, train_key
         )
-        # The state of the Figure-7 histograms: a fresh start state of the first training env.
-        histogram_obs = init_carry.env_state.obs[0]
+        init_rollout = compiler.submit(init_rollout.lower().compile)
+        train_iteration = jax.jit(make_train_iteration(rollout, update), donate_argnums=0)
+        train_iteration = compiler.submit(train_iteration.lower(state, decoder, stage_settings(args, 0)).compile)
     if len(args.stage_iterations) > 1:
-        collect_rollout = jax.jit(rollout).lower(policy_params, obs_stats, decoder, init_carry, train_key).compile()
-        next_stage = make_stage_change(collect_rollout, train_decoder, evaluate, optimizer, args)
-    run.compile_time = time.time() - compile_start
-    print(f"compiled in {run.compile_time:.1f} s")
+        collect_rollout = jax.jit(rollout).lower(policy_params, obs_stats, decoder, state.rollout_carry, train_key)
+    evaluate = evaluate.result()
 
     def evaluate_model(model):
         # New start states at every evaluation, from a key of its env step; both modes on the same ones (paired).
@@ -1172,6 +1180,19 @@ def main(args):
 
     if not checkpoint:
         evaluate_model(model)
+    if sum(args.stage_iterations) > 0:
+        state = state._replace(rollout_carry=init_rollout.result()(env_key))
+        # The state of the Figure-7 histograms: a fresh start state of the first training env.
+        histogram_obs = state.rollout_carry.env_state.obs[0]
+        train_iteration = train_iteration.result()
+    run.compile_time = time.time() - compile_start
+    print(f"compiled in {run.compile_time:.1f} s")
+    if len(args.stage_iterations) > 1:
+        # Not needed before the first stage change: it compiles while stage 0 trains.
+        collect_rollout = compiler.submit(collect_rollout.compile)
+        next_stage = make_stage_change(
+            lambda *inputs: collect_rollout.result()(*inputs), train_decoder, evaluate, optimizer, args
+        )
     if sum(args.stage_iterations) > 0:
         if checkpoint:
             progress.update(run.progress)
