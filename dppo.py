@@ -49,8 +49,14 @@ from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from typing import Any, Literal, NamedTuple, Optional, Sequence
 
+# MuJoCo chooses its OpenGL backend when it is imported: --capture-video renders off-screen, through EGL where there is
+# no display (MUJOCO_GL chooses another).
+if not os.environ.get("DISPLAY"):
+    os.environ.setdefault("MUJOCO_GL", "egl")
+
 import flax.linen as nn
 import flax.serialization
+import imageio_ffmpeg
 import jax
 import jax.numpy as jnp
 import mujoco
@@ -95,6 +101,16 @@ class Args:
     load_model: Optional[str] = None
     """start from a `model.msgpack` saved by this script, counting env steps on from the step it was saved at; with
     `--total-timesteps 0` it is only evaluated (on the episodes its own run evaluated it on)"""
+    capture_video: bool = False
+    """at every evaluation, render the first episode of the evaluated policy (in the mode its return is reported in)
+    to videos/{env steps}.mp4 in the run folder and to TensorBoard; with `--load-model` and no training, render that
+    model"""
+    video_width: int = 320
+    """width of the videos in pixels (even)"""
+    video_height: int = 240
+    """height of the videos in pixels (even)"""
+    video_frame_stride: int = 2
+    """draw every n-th control step (2: 50 frames per second of simulated time on most tasks)"""
     compilation_cache_dir: str = os.environ.get("JAX_COMPILATION_CACHE_DIR", "~/.cache/gorl/jax")
     """where compiled XLA programs are kept, so that the next start of the same configuration loads them instead of
     compiling again; default $JAX_COMPILATION_CACHE_DIR, else ~/.cache/gorl/jax; "" turns the cache off"""
@@ -532,13 +548,55 @@ def make_evaluate(env, policy, num_eval_envs, episode_length):
             env_state = jax.vmap(env.step)(env_state, jnp.tanh(chain[:, -1]))
             returns = returns + jnp.where(alive, env_state.reward, 0.0)
             # An episode the env ends (its physics went NaN) scores nothing more.
-            return (env_state, alive & (env_state.done == 0), returns), None
+            return (env_state, alive & (env_state.done == 0), returns), first_env_pose(env_state)
 
         init = (env_state, jnp.ones(num_eval_envs, bool), jnp.zeros(num_eval_envs))
-        (_, _, returns), _ = lax.scan(step, init, jax.random.split(noise_key, episode_length))
-        return returns
+        (_, _, returns), poses = lax.scan(step, init, jax.random.split(noise_key, episode_length))
+        # The first episode from its start, for --capture-video: (T + 1, ...) per pose array.
+        episode = jax.tree.map(
+            lambda start, rest: jnp.concatenate([start[None], rest]), first_env_pose(env_state), poses
+        )
+        return returns, episode
 
     return evaluate
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Videos: the episodes the evaluation ran, drawn by MuJoCo's renderer (word for word the same in every script)
+
+
+def first_env_pose(env_state):
+    """What it takes to draw the first env: its joint positions and the poses of its mocap bodies."""
+    return env_state.data.qpos[0], env_state.data.mocap_pos[0], env_state.data.mocap_quat[0]
+
+
+def open_renderer(env, args):
+    """MuJoCo's off-screen renderer for --capture-video; exit with one line, before anything is written or compiled,
+    where there is no OpenGL to render with."""
+    visual = env.mj_model.vis.global_
+    visual.offwidth, visual.offheight = max(visual.offwidth, args.video_width), max(visual.offheight, args.video_height)
+    try:
+        return mujoco.Renderer(env.mj_model, args.video_height, args.video_width)
+    except Exception as error:  # each backend fails its own way (FatalError, AttributeError, ImportError)
+        sys.exit(
+            f"error: --capture-video: MuJoCo cannot render with MUJOCO_GL={os.environ.get('MUJOCO_GL', '')!r} "
+            f"({type(error).__name__}: {error}); set MUJOCO_GL=egl (on a machine without a GPU, with "
+            "EGL_PLATFORM=surfaceless LIBGL_ALWAYS_SOFTWARE=1) or MUJOCO_GL=osmesa"
+        )
+
+
+def render_episode(renderer, env, episode, stride):
+    """Frames (F, H, W, 3) of an episode the jitted evaluation ran, from every `stride`-th pose of `episode` (tuples of
+    first_env_pose, stacked over time: nothing is simulated again), seen by the model's first camera (in the DeepMind
+    Control Suite, the one that follows the body), and their frame rate in real time."""
+    model, data = env.mj_model, mujoco.MjData(env.mj_model)
+    frames = []
+    for qpos, mocap_pos, mocap_quat in zip(*(np.asarray(x)[::stride] for x in episode)):
+        data.qpos, data.mocap_pos, data.mocap_quat = qpos, mocap_pos, mocap_quat
+        mujoco.mj_forward(model, data)
+        renderer.update_scene(data, camera=0 if model.ncam else -1)
+        frames.append(renderer.render())
+    return np.stack(frames), 1.0 / (env.dt * stride)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -723,6 +781,21 @@ class Run:
             f"{EVAL_MODES[1]} {returns[1].mean():8.2f} | SPS {sps:9,.0f} | {elapsed}"
         )
 
+    def log_video(self, frames, fps, suffix=""):
+        """Save rendered frames (F, H, W, 3) as videos/{env steps}{suffix}.mp4 in the run folder, and a preview (every
+        fourth frame at half the size: TensorBoard stores videos as GIFs, 10 MB for a whole 320 x 240 episode) to
+        TensorBoard."""
+        os.makedirs(os.path.join(self.path, "videos"), exist_ok=True)
+        path = os.path.join(self.path, "videos", f"{self.env_steps}{suffix}.mp4")
+        video = imageio_ffmpeg.write_frames(path + ".part.mp4", frames.shape[2:0:-1], fps=fps, macro_block_size=2)
+        video.send(None)
+        for frame in frames:
+            video.send(np.ascontiguousarray(frame))
+        video.close()
+        os.replace(path + ".part.mp4", path)
+        preview = frames[None, ::4, ::2, ::2].transpose(0, 1, 4, 2, 3)  # (1, F / 4, 3, H / 2, W / 2)
+        self.writer.add_video(f"videos/evaluation{suffix}", preview, self.env_steps, fps / 4)
+
     def checkpoint(self, progress, tree):
         """Replace the run's checkpoint with everything --resume needs to continue exactly from here."""
         progress = {
@@ -805,6 +878,13 @@ def check_run_args(args):
     """The options every script shares: exit with one line naming the problem, before anything is written."""
     if args.checkpoint_interval <= 0:
         sys.exit(f"error: --checkpoint-interval must be positive, got {args.checkpoint_interval}")
+    if min(args.video_width, args.video_height) <= 0 or (args.video_width | args.video_height) % 2:
+        sys.exit(
+            f"error: --video-width and --video-height must be positive and even, got {args.video_width} x "
+            f"{args.video_height}"
+        )
+    if args.video_frame_stride <= 0:
+        sys.exit(f"error: --video-frame-stride must be positive, got {args.video_frame_stride}")
     if args.load_model is not None and not os.path.isfile(args.load_model):
         sys.exit(f"error: --load-model {args.load_model}: no such file")
     if not args.resume:
@@ -863,6 +943,7 @@ def main(args):
     key = jax.random.key(args.seed)
     network_key, env_key, eval_key, train_key = jax.random.split(key, 4)
     env, episode_length = make_env(args.env_id, args.impl)
+    renderer = open_renderer(env, args) if args.capture_video else None
     (policy, critic), params = make_networks(env, network_key)
     model = {"params": params, "obs_stats": init_running_stats(env.observation_size)}
     start_steps = 0
@@ -903,8 +984,12 @@ def main(args):
         # New start states at every evaluation, from a key of its env step; both modes on the same ones (paired).
         key = jax.random.fold_in(eval_key, run.env_steps)
         policy_params, obs_stats = model["params"]["policy"], model["obs_stats"]
-        returns = [np.asarray(evaluate(policy_params, obs_stats, key, mode == "deterministic")) for mode in EVAL_MODES]
-        run.log_evaluation(returns, model)
+        returns, episodes = zip(
+            *(evaluate(policy_params, obs_stats, key, mode == "deterministic") for mode in EVAL_MODES)
+        )
+        run.log_evaluation([np.asarray(r) for r in returns], model)
+        if args.capture_video:
+            run.log_video(*render_episode(renderer, env, episodes[0], args.video_frame_stride))
 
     def resume_point(iteration, state):
         return {"iteration": iteration}, state

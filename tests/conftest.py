@@ -36,7 +36,7 @@ SCRIPTS_UNDER_TEST = {
 SCRIPTS = [script for script in SCRIPTS_UNDER_TEST if os.path.exists(os.path.join(ROOT, script))]
 
 
-def run_script(script, *args, timeout=900):
+def run_script(script, *args, timeout=900, env=None):
     """Run `python script args...` from the repository root; MJX-Warp can hang a failing process, hence the timeout."""
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, script), *map(str, args)],
@@ -44,7 +44,7 @@ def run_script(script, *args, timeout=900):
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},
     )
 
 

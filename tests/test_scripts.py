@@ -207,6 +207,8 @@ COMMON_REFUSALS = [
     (("--gamma", 1.5), "--gamma must be in (0, 1]"),
     (("--learning-rate", -1e-3), "must be positive"),
     (("--load-model", "/nonexistent/model.msgpack"), "no such file"),
+    (("--video-width", 321), "--video-width and --video-height must be positive and even, got 321 x 240"),
+    (("--video-frame-stride", 0), "--video-frame-stride must be positive"),
 ]
 GORL_REFUSALS = [
     (("--stage-timesteps",), "--stage-timesteps needs one number per stage"),

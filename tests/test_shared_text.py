@@ -36,6 +36,10 @@ SHARED = {
             "run_metadata",
             "Run",
             "check_run_args",
+            # videos
+            "first_env_pose",
+            "open_renderer",
+            "render_episode",
         )
     },
     "gaussian_log_prob": ("ppo_continuous", *GORL),

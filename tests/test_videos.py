@@ -1,0 +1,106 @@
+"""--capture-video: the episodes the evaluation ran, rendered to MP4 files in the run folder and to TensorBoard."""
+
+import os
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+from conftest import CPU_ARGS, N, SCRIPTS, SCRIPTS_UNDER_TEST, only_run_folder, read_json, run_script
+
+# Small frames, and every tenth step of CartpoleSwingup's 1000-step episodes: 101 frames from the start state on.
+VIDEO_ARGS = ("--capture-video", "--video-width", 64, "--video-height", 48, "--video-frame-stride", 10)
+EPISODE_FRAMES = 1000 // 10 + 1
+
+
+def read_video(path):
+    """The frames (F, H, W, 3) of an MP4 file, decoded by ffmpeg."""
+    reader = imageio_ffmpeg.read_frames(path)
+    meta = next(reader)
+    width, height = meta["size"]
+    return np.stack([np.frombuffer(frame, np.uint8).reshape(height, width, 3) for frame in reader])
+
+
+def assert_episode_video(path, width=64, height=48):
+    frames = read_video(path)
+    assert frames.shape == (EPISODE_FRAMES, height, width, 3), frames.shape
+    # The pole swings and the cart moves: the picture changes over the episode, by more than the codec's noise (0.15 when
+    # every frame is drawn from the same pose).
+    assert np.abs(frames.astype(float) - frames[0]).mean(axis=(1, 2, 3)).max() > 1.0
+    return frames
+
+
+def tensorboard_videos(run_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(run_path, size_guidance={"images": 0})
+    events.Reload()
+    return {tag: [image.step for image in events.Images(tag)] for tag in events.Tags()["images"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_saved_model_renders_the_episode_of_its_evaluation(script, learning_runs, tmp_path):
+    run_path, _ = learning_runs(script)
+    steps = read_json(os.path.join(run_path, "summary.json"))["env_steps"]
+    no_training, _ = SCRIPTS_UNDER_TEST[script]
+    model = os.path.join(run_path, "model.msgpack")
+    args = (*CPU_ARGS, *no_training, "--load-model", model, *VIDEO_ARGS, "--run-dir", tmp_path)
+    result = run_script(script, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rendered = only_run_folder(tmp_path)
+    assert os.listdir(os.path.join(rendered, "videos")) == [f"{steps}.mp4"]
+    assert_episode_video(os.path.join(rendered, "videos", f"{steps}.mp4"))
+    assert tensorboard_videos(rendered) == {"videos/evaluation": [steps]}
+
+
+@pytest.mark.slow
+def test_training_run_records_every_evaluation_and_gorl_its_stage_change(tmp_path):
+    """PPO: a video at each of its two evaluations. GoRL: besides those, its stage change side by side (the policy
+    before the restart and after it), twice as wide."""
+    result = run_script(
+        "ppo_continuous.py", *CPU_ARGS, "--total-timesteps", N, *VIDEO_ARGS, "--run-dir", tmp_path / "p"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_path = only_run_folder(tmp_path / "p")
+    assert sorted(os.listdir(os.path.join(run_path, "videos"))) == ["0.mp4", f"{N}.mp4"]
+    first, last = (assert_episode_video(os.path.join(run_path, "videos", name)) for name in ("0.mp4", f"{N}.mp4"))
+    assert not np.array_equal(first, last)  # another policy, other start states
+    assert tensorboard_videos(run_path) == {"videos/evaluation": [0, N]}
+
+    gorl_args = ("--stage-timesteps", N, N, "--decoder-dataset-size", 2000, "--decoder-batch-size", 256)
+    result = run_script("gorl_ppo_fm.py", *CPU_ARGS, *gorl_args, *VIDEO_ARGS, "--run-dir", tmp_path / "g")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_path = only_run_folder(tmp_path / "g")
+    names = ["0.mp4", f"{N}.mp4", f"{N}_stage_change.mp4", f"{2 * N}.mp4"]
+    assert sorted(os.listdir(os.path.join(run_path, "videos"))) == sorted(names)
+    change = assert_episode_video(os.path.join(run_path, "videos", f"{N}_stage_change.mp4"), width=128)
+    # Left the distilled policy, right the restarted one, from the same start state: the first frames agree.
+    assert np.abs(change[0, :, :64].astype(float) - change[0, :, 64:]).mean() < 2.0
+    assert tensorboard_videos(run_path) == {"videos/evaluation": [0, N, 2 * N], "videos/evaluation_stage_change": [N]}
+
+
+def test_no_opengl_gives_one_line_and_writes_nothing(tmp_path):
+    """MUJOCO_GL=glfw without a display: the run stops before compiling, with one line that says what to set, and
+    leaves the run folder as it was."""
+    (tmp_path / "earlier_run").mkdir()
+    (tmp_path / "earlier_run" / "eval.csv").write_text("kept\n")
+    env = {name: value for name, value in os.environ.items() if name != "DISPLAY"}
+    result = run_script(
+        "ppo_continuous.py",
+        *CPU_ARGS,
+        *VIDEO_ARGS,
+        "--run-dir",
+        tmp_path,
+        env={**env, "MUJOCO_GL": "glfw"},
+        timeout=120,
+    )
+    assert result.returncode == 1
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: --capture-video: MuJoCo cannot render with MUJOCO_GL='glfw' (FatalError: "), line
+    assert line.endswith(
+        "set MUJOCO_GL=egl (on a machine without a GPU, with EGL_PLATFORM=surfaceless "
+        "LIBGL_ALWAYS_SOFTWARE=1) or MUJOCO_GL=osmesa"
+    )
+    assert "compiling" not in result.stdout
+    assert sorted(os.listdir(tmp_path)) == ["earlier_run"]
+    assert (tmp_path / "earlier_run" / "eval.csv").read_text() == "kept\n"
