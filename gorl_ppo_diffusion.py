@@ -28,6 +28,7 @@ Brax's PPO (github.com/google/brax, brax/training/agents/ppo/losses.py); MuJoCo 
 github.com/google-deepmind/mujoco_playground.
 """
 
+import ctypes.util
 import json
 import os
 import signal
@@ -41,8 +42,8 @@ from importlib import metadata
 from typing import Any, Literal, NamedTuple, Optional, Sequence
 
 # MuJoCo chooses its OpenGL backend when it is imported: --capture-video renders off-screen, through EGL where there is
-# no display (MUJOCO_GL chooses another).
-if not os.environ.get("DISPLAY"):
+# no display (MUJOCO_GL chooses another). Only where EGL is installed: without it, mujoco's EGL backend fails to import.
+if not os.environ.get("DISPLAY") and ctypes.util.find_library("EGL"):
     os.environ.setdefault("MUJOCO_GL", "egl")
 
 import flax.linen as nn

@@ -104,3 +104,36 @@ def test_no_opengl_gives_one_line_and_writes_nothing(tmp_path):
     assert "compiling" not in result.stdout
     assert sorted(os.listdir(tmp_path)) == ["earlier_run"]
     assert (tmp_path / "earlier_run" / "eval.csv").read_text() == "kept\n"
+
+
+SIMULATED_MISSING_EGL = """
+import ctypes, ctypes.util
+_find_library, _load = ctypes.util.find_library, ctypes.CDLL.__init__
+ctypes.util.find_library = lambda name: None if "EGL" in name else _find_library(name)
+def _no_egl(self, name, *args, **kwargs):
+    if name and "EGL" in str(name):
+        raise OSError(f"{name}: cannot open shared object file")
+    return _load(self, name, *args, **kwargs)
+ctypes.CDLL.__init__ = _no_egl
+"""
+
+
+@pytest.mark.slow
+def test_without_egl_a_run_still_starts_and_only_a_video_is_refused(tmp_path):
+    """A machine without libEGL and without a display (simulated: the library cannot be found or loaded): mujoco's EGL
+    backend would fail on import, so the scripts leave MUJOCO_GL alone; a run works, and --capture-video says in one
+    line what to set."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SIMULATED_MISSING_EGL)
+    env = {name: value for name, value in os.environ.items() if name not in ("DISPLAY", "MUJOCO_GL")}
+    env["PYTHONPATH"] = str(tmp_path / "site")
+    result = run_script("ppo_continuous.py", *CPU_ARGS, "--total-timesteps", 0, "--run-dir", tmp_path / "r", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_script("ppo_continuous.py", *CPU_ARGS, *VIDEO_ARGS, "--run-dir", tmp_path / "v", env=env, timeout=120)
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: --capture-video: MuJoCo cannot render with MUJOCO_GL=''")
+    )
+    assert not os.path.exists(tmp_path / "v")
