@@ -687,21 +687,18 @@ def measure_stepping(script, env_id, impl):
     return {"rollout_sps": SPEED_STEPS / rollout_time, "pure_step_sps": SPEED_STEPS / stepping_time}
 
 
+def speed_command(script, env_id, impl, *args):
+    """The script's command line at the speed configuration, evaluating only before and after training."""
+    command = [sys.executable, os.path.join(ROOT, script), "--env-id", env_id, "--impl", impl, *SPEED_ARGS]
+    return [*map(str, command), *map(str, args), "--eval-interval", str(10**12)]
+
+
 def measure_training(script, env_id, impl, timeout):
     """Training env steps per second (and GoRL's stage transitions) of the script run as a user runs it."""
     is_gorl = script.startswith("gorl")
     budget = GORL_SPEED_ARGS if is_gorl else ("--total-timesteps", 3 * SPEED_STEPS)
     with tempfile.TemporaryDirectory() as run_dir:
-        command = [
-            sys.executable,
-            os.path.join(ROOT, script),
-            "--env-id",
-            env_id,
-            "--impl",
-            impl,
-            *map(str, SPEED_ARGS),
-        ]
-        command += [*map(str, budget), "--eval-interval", str(10**12), "--run-dir", run_dir]
+        command = speed_command(script, env_id, impl, *budget, "--run-dir", run_dir)
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
@@ -724,16 +721,17 @@ def measure_startup(script, env_id, impl, timeout):
     startup = {}
     with tempfile.TemporaryDirectory() as folder:
         for start in ("cold", "warm"):
-            command = [sys.executable, os.path.join(ROOT, script), "--env-id", env_id, "--impl", impl, *SPEED_ARGS]
-            command += [*budget, "--eval-interval", 10**12, "--run-dir", folder]
-            command += ["--compilation-cache-dir", os.path.join(folder, "cache")]
+            cache = os.path.join(folder, "cache")
+            command = speed_command(
+                script, env_id, impl, *budget, "--run-dir", folder, "--compilation-cache-dir", cache
+            )
             begin = time.perf_counter()
-            process = subprocess.Popen(list(map(str, command)), cwd=ROOT, stdout=subprocess.PIPE, text=True)
+            process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
             for line in process.stdout:
                 if re.search(r"\biter +2/", line):
                     startup[f"startup_{start}_s"] = time.perf_counter() - begin
             if process.wait(timeout) != 0 or f"startup_{start}_s" not in startup:
-                raise RuntimeError(f"{' '.join(map(str, command))} failed or printed no second iteration")
+                raise RuntimeError(f"{' '.join(command)} failed or printed no second iteration")
     return startup
 
 

@@ -946,17 +946,15 @@ def main(args):
     # XLA compiles a program on about one core: each one compiles in a thread of its own while the next is traced, and
     # the evaluation at step 0 runs while the training iteration still compiles.
     compiler = ThreadPoolExecutor()
-    evaluate = jax.jit(evaluate).lower(model["params"]["policy"], model["obs_stats"], eval_key, True)
-    evaluate = compiler.submit(evaluate.compile)
+    policy_params, obs_stats = model["params"]["policy"], model["obs_stats"]
+    evaluate_program = compiler.submit(jax.jit(evaluate).lower(policy_params, obs_stats, eval_key, True).compile)
     if args.num_iterations > 0:
-        init_rollout = jax.jit(init_rollout, static_argnums=1).trace(env_key, args.num_envs)
-        state = TrainState(
-            model["params"], optimizer.init(model["params"]), model["obs_stats"], init_rollout.out_info, train_key
-        )
-        init_rollout = compiler.submit(init_rollout.lower().compile)
-        train_iteration = jax.jit(make_train_iteration(rollout, update), donate_argnums=0).lower(state)
-        train_iteration = compiler.submit(train_iteration.compile)
-    evaluate = evaluate.result()
+        first_carry = jax.jit(init_rollout, static_argnums=1).trace(env_key, args.num_envs)  # its shapes, for the state
+        state = TrainState(model["params"], optimizer.init(model["params"]), obs_stats, first_carry.out_info, train_key)
+        init_program = compiler.submit(first_carry.lower().compile)
+        train_iteration = jax.jit(make_train_iteration(rollout, update), donate_argnums=0)
+        train_program = compiler.submit(train_iteration.lower(state).compile)
+    evaluate = evaluate_program.result()
 
     def evaluate_model(model):
         # New start states at every evaluation, from a key of its env step; both modes on the same ones (paired).
@@ -975,8 +973,8 @@ def main(args):
     if not checkpoint:
         evaluate_model(model)
     if args.num_iterations > 0:
-        state = state._replace(rollout_carry=init_rollout.result()(env_key))
-        train_iteration = train_iteration.result()
+        state = state._replace(rollout_carry=init_program.result()(env_key))
+        train_iteration = train_program.result()
     run.compile_time = time.time() - compile_start
     print(f"compiled in {run.compile_time:.1f} s")
     if args.num_iterations > 0:

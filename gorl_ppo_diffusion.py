@@ -1220,19 +1220,18 @@ def main(args):
     # the evaluation at step 0 runs while the training iteration still compiles.
     compiler = ThreadPoolExecutor()
     policy_params, obs_stats, decoder = model["params"]["latent_policy"], model["obs_stats"], model["decoder"]
-    evaluate = jax.jit(evaluate).lower(policy_params, obs_stats, decoder, eval_key, True)
-    evaluate = compiler.submit(evaluate.compile)
+    evaluate_program = compiler.submit(
+        jax.jit(evaluate).lower(policy_params, obs_stats, decoder, eval_key, True).compile
+    )
     if sum(args.stage_iterations) > 0:
-        init_rollout = jax.jit(init_rollout, static_argnums=1).trace(env_key, args.num_envs)
-        state = TrainState(
-            model["params"], optimizer.init(model["params"]), obs_stats, init_rollout.out_info, train_key
-        )
-        init_rollout = compiler.submit(init_rollout.lower().compile)
+        first_carry = jax.jit(init_rollout, static_argnums=1).trace(env_key, args.num_envs)  # its shapes, for the state
+        state = TrainState(model["params"], optimizer.init(model["params"]), obs_stats, first_carry.out_info, train_key)
+        init_program = compiler.submit(first_carry.lower().compile)
         train_iteration = jax.jit(make_train_iteration(rollout, update), donate_argnums=0)
-        train_iteration = compiler.submit(train_iteration.lower(state, decoder, stage_settings(args, 0)).compile)
+        train_program = compiler.submit(train_iteration.lower(state, decoder, stage_settings(args, 0)).compile)
     if len(args.stage_iterations) > 1:
         collect_rollout = jax.jit(rollout).lower(policy_params, obs_stats, decoder, state.rollout_carry, train_key)
-    evaluate = evaluate.result()
+    evaluate = evaluate_program.result()
 
     def evaluate_model(model):
         # New start states at every evaluation, from a key of its env step; both modes on the same ones (paired).
@@ -1286,17 +1285,17 @@ def main(args):
     if not checkpoint:
         evaluate_model(model)
     if sum(args.stage_iterations) > 0:
-        state = state._replace(rollout_carry=init_rollout.result()(env_key))
+        state = state._replace(rollout_carry=init_program.result()(env_key))
         # The state of the Figure-7 histograms: a fresh start state of the first training env.
         histogram_obs = state.rollout_carry.env_state.obs[0]
-        train_iteration = train_iteration.result()
+        train_iteration = train_program.result()
     run.compile_time = time.time() - compile_start
     print(f"compiled in {run.compile_time:.1f} s")
     if len(args.stage_iterations) > 1:
         # Not needed before the first stage change: it compiles while stage 0 trains.
-        collect_rollout = compiler.submit(collect_rollout.compile)
+        collect_program = compiler.submit(collect_rollout.compile)
         next_stage = make_stage_change(
-            lambda *inputs: collect_rollout.result()(*inputs), train_decoder, evaluate, optimizer, args
+            lambda *inputs: collect_program.result()(*inputs), train_decoder, evaluate, optimizer, args
         )
     if sum(args.stage_iterations) > 0:
         if checkpoint:
@@ -1351,9 +1350,8 @@ def main(args):
                     f"{change['decoder_validation_loss']:.5f}; transition {change['transition_time_s']:.1f} s"
                 )
                 if args.capture_video:  # the warm start made visible: the distilled policy left, the restarted right
-                    (before, fps), (after, _) = (
-                        render_episode(renderer, env, e, args.video_frame_stride) for e in episodes
-                    )
+                    before, fps = render_episode(renderer, env, episodes[0], args.video_frame_stride)
+                    after, _ = render_episode(renderer, env, episodes[1], args.video_frame_stride)
                     run.log_video(np.concatenate([before, after], axis=2), fps, "_stage_change")
                 progress.update(stage=stage, record={"stage": stage, **change}, best=None)
                 encoders["best"] = None
