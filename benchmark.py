@@ -671,7 +671,7 @@ def measure_stepping(script, env_id, impl):
     module = importlib.import_module(script.removesuffix(".py"))
     env, episode_length = module.make_env(env_id, impl)
     init, rollout, inputs = rollout_alone(module, env, episode_length)
-    carry = jax.jit(init, static_argnums=1)(jax.random.key(1), SPEED_NUM_ENVS)
+    carry = jax.jit(init, static_argnums=0)(SPEED_NUM_ENVS)
 
     @jax.jit
     def pure_stepping(env_state, key):
@@ -683,7 +683,8 @@ def measure_stepping(script, env_id, impl):
 
     rollout = jax.jit(rollout)
     rollout_time = mean_time(lambda carry, key: rollout(*inputs, carry, key), carry, lambda outputs: outputs[0])
-    stepping_time = mean_time(pure_stepping, carry.env_state, lambda env_state: env_state)
+    env_state = rollout(*inputs, carry, jax.random.key(1))[0].env_state  # begun episodes (the first carry has none)
+    stepping_time = mean_time(pure_stepping, env_state, lambda env_state: env_state)
     return {"rollout_sps": SPEED_STEPS / rollout_time, "pure_step_sps": SPEED_STEPS / stepping_time}
 
 

@@ -203,8 +203,10 @@ def make_env(env_id, impl):
     config.impl = impl
     env = registry.load(env_id, config=config)
     # Jitted, the physics is traced once per process and its trace reused by every program that steps or resets it
-    # (tracing CheetahRun's reset, 200 settling steps, takes two seconds).
-    env.reset, env.step = jax.jit(env.reset), jax.jit(env.step)
+    # (tracing CheetahRun's reset, 200 settling steps, takes two seconds). Playground's `observation_size` resets with a
+    # raw key (uint32[2]) where the scripts pass typed ones: a typed key becomes its raw data, so both share one trace.
+    reset = jax.jit(env.reset)
+    env.reset, env.step = (lambda key: reset(jax.random.key_data(key) if is_key(key) else key)), jax.jit(env.step)
     return env, config.episode_length
 
 
@@ -242,7 +244,7 @@ def normalize(stats, obs):
 
 class RolloutCarry(NamedTuple):
     env_state: Any  # Playground State, every leaf with a leading env axis (B, ...)
-    steps: jax.Array  # (B,) steps taken in the current episode
+    steps: jax.Array  # (B,) steps taken in the current episode; 0: it has not begun, its env is reset before acting
     episode_return: jax.Array  # (B,) raw reward summed over the current episode
 
 
@@ -256,21 +258,24 @@ class Transition(NamedTuple):
 
 
 def make_rollout(env, policy, num_steps, episode_length):
-    def init(key, num_envs):
-        env_state = jax.vmap(env.reset)(jax.random.split(key, num_envs))
-        # Reset leaves `data.time` weak-typed where env.step makes it strong: cast once so the iteration compiles once.
-        env_state = jax.tree.map(lambda x: x.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.number) else x, env_state)
-        return RolloutCarry(env_state, jnp.zeros(num_envs, jnp.int32), jnp.zeros(num_envs))
+    def init(num_envs):
+        """The carry before the first step: no episode has begun, so the first step resets every env (a reset program
+        of its own would be one more copy of the physics to compile). Until then the env state is zeros of the reset's
+        shapes; MJX-Warp's buffers without an env axis are scratch that every step rewrites."""
+        shapes = jax.eval_shape(jax.vmap(env.reset), jax.random.split(jax.random.key(0), num_envs))
+        env_state = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
+        return RolloutCarry(env_state, np.zeros(num_envs, np.int32), np.zeros(num_envs, np.float32))
 
     def rollout(policy_params, obs_stats, carry, key):
         """Step every env `num_steps` times with the stochastic policy; returns time-major (T, B) transitions."""
 
         def step(carry, keys):
             key, reset_key = keys
-            obs = carry.env_state.obs
+            env_state = auto_reset(carry.steps == 0, carry.env_state, reset_key)
+            obs = env_state.obs
             mean, std = policy_distribution(policy.apply(policy_params, normalize(obs_stats, obs)))
             action = mean + std * jax.random.normal(key, mean.shape)
-            env_state = jax.vmap(env.step)(carry.env_state, jnp.tanh(action))
+            env_state = jax.vmap(env.step)(env_state, jnp.tanh(action))
             steps = carry.steps + 1
             episode_return = carry.episode_return + env_state.reward
             termination = env_state.done
@@ -279,11 +284,7 @@ def make_rollout(env, policy, num_steps, episode_length):
             transition = Transition(
                 obs, action, gaussian_log_prob(action, mean, std), env_state.reward, termination, truncation
             )
-            carry = RolloutCarry(
-                auto_reset(done, env_state, reset_key),
-                jnp.where(done, 0, steps),
-                jnp.where(done, 0.0, episode_return),
-            )
+            carry = RolloutCarry(env_state, jnp.where(done, 0, steps), jnp.where(done, 0.0, episode_return))
             return carry, (transition, jnp.where(done, episode_return, jnp.nan))
 
         reset_key, key = jax.random.split(key)
@@ -291,25 +292,25 @@ def make_rollout(env, policy, num_steps, episode_length):
         carry, (transitions, finished_returns) = lax.scan(step, carry, keys)
         return carry, transitions, finished_returns
 
-    def auto_reset(done, env_state, key):
-        """Fresh start states for the envs whose episode ended (`done`), so that every episode begins from a new random
-        state. They are made only in the steps where an episode ends (at the time limit, all envs at once): a reset can
-        cost many physics steps (CheetahRun's settles for 200)."""
+    def auto_reset(begin, env_state, key):
+        """Fresh start states for the envs whose episode begins (`begin`), so that every episode starts from a new random
+        state. They are made only in the steps where an episode begins (after the time limit, all envs at once): a reset
+        can cost many physics steps (CheetahRun's settles for 200)."""
 
         def reset(env_state):
-            reset_state = jax.vmap(env.reset)(jax.random.split(key, done.shape[0]))
-            return reset_where(done, reset_state, env_state)
+            reset_state = jax.vmap(env.reset)(jax.random.split(key, begin.shape[0]))
+            return reset_where(begin, reset_state, env_state)
 
-        return lax.cond(jnp.any(done), reset, lambda env_state: env_state, env_state)
+        return lax.cond(jnp.any(begin), reset, lambda env_state: env_state, env_state)
 
     # MJX-Warp keeps some buffers shared by all envs (no env axis): auto-reset leaves those leaves alone.
     single_state = jax.eval_shape(env.reset, jax.random.key(0))
 
-    def reset_where(done, reset_state, state):
+    def reset_where(begin, reset_state, state):
         def select(single, reset_leaf, leaf):
-            if leaf.shape != done.shape + single.shape:
+            if leaf.shape != begin.shape + single.shape:
                 return leaf
-            return jnp.where(done.reshape(done.shape + (1,) * len(single.shape)), reset_leaf, leaf)
+            return jnp.where(begin.reshape(begin.shape + (1,) * len(single.shape)), reset_leaf, leaf)
 
         return jax.tree.map(select, single_state, reset_state, state)
 
@@ -867,7 +868,7 @@ def main(args):
     # MJX programs take tens of seconds to compile: later runs load them from the cache instead.
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compilation_cache_dir) or None)
     key = jax.random.key(args.seed)
-    network_key, env_key, eval_key, train_key = jax.random.split(key, 4)
+    network_key, eval_key, train_key = jax.random.split(key, 3)
     env, episode_length = make_env(args.env_id, args.impl)
     renderer = open_renderer(env, args) if args.capture_video else None
     (policy, critic), params = make_networks(env, network_key)
@@ -886,36 +887,45 @@ def main(args):
     print("compiling...")
     compile_start = time.time()
     # XLA compiles a program on about one core: each one compiles in a thread of its own while the next is traced, and
-    # the evaluation at step 0 runs while the training iteration still compiles.
+    # the evaluation at step 0 runs as soon as its program is ready, while the training iteration is traced and compiled.
     compiler = ThreadPoolExecutor()
     policy_params, obs_stats = model["params"]["policy"], model["obs_stats"]
     evaluate_program = compiler.submit(jax.jit(evaluate).lower(policy_params, obs_stats, eval_key, True).compile)
-    if args.num_iterations > 0:
-        first_carry = jax.jit(init_rollout, static_argnums=1).trace(env_key, args.num_envs)  # its shapes, for the state
-        state = TrainState(model["params"], optimizer.init(model["params"]), obs_stats, first_carry.out_info, train_key)
-        init_program = compiler.submit(first_carry.lower().compile)
-        train_iteration = jax.jit(make_train_iteration(rollout, update), donate_argnums=0)
-        train_program = compiler.submit(train_iteration.lower(state).compile)
-    evaluate = evaluate_program.result()
 
-    def evaluate_model(model):
+    def evaluate_model(model, env_steps):
+        """The returns of `model` in both modes of EVAL_MODES, and its first episode in the first mode."""
         # New start states at every evaluation, from a key of its env step; both modes on the same ones (paired).
-        key = jax.random.fold_in(eval_key, run.env_steps)
+        key = jax.random.fold_in(eval_key, env_steps)
         policy_params, obs_stats = model["params"]["policy"], model["obs_stats"]
+        evaluate = evaluate_program.result()
         returns, episodes = zip(
             *(evaluate(policy_params, obs_stats, key, mode == "deterministic") for mode in EVAL_MODES)
         )
-        run.log_evaluation([np.asarray(r) for r in returns], model)
+        return [np.asarray(r) for r in returns], episodes[0]
+
+    first_evaluation = None if checkpoint else compiler.submit(evaluate_model, model, run.env_steps)
+    if args.num_iterations > 0:
+        state = TrainState(
+            model["params"], optimizer.init(model["params"]), obs_stats, init_rollout(args.num_envs), train_key
+        )
+        train_iteration = jax.jit(make_train_iteration(rollout, update), donate_argnums=0)
+        train_program = compiler.submit(train_iteration.lower(state).compile)
+
+    def log_evaluation(model, returns, episode):
+        run.log_evaluation(returns, model)
         if args.capture_video:
-            run.log_video(*render_episode(renderer, env, episodes[0], args.video_frame_stride))
+            run.log_video(*render_episode(renderer, env, episode, args.video_frame_stride))
+
+    def on_evaluation(iteration, state):
+        model = {"params": state.params, "obs_stats": state.obs_stats}
+        log_evaluation(model, *evaluate_model(model, run.env_steps))
 
     def resume_point(iteration, state):
         return {"iteration": iteration}, state
 
-    if not checkpoint:
-        evaluate_model(model)
+    if first_evaluation:  # done before training begins: the first iteration donates the parameters' buffers
+        log_evaluation(model, *first_evaluation.result())
     if args.num_iterations > 0:
-        state = state._replace(rollout_carry=init_program.result()(env_key))
         train_iteration = train_program.result()
     run.compile_time = time.time() - compile_start
     print(f"compiled in {run.compile_time:.1f} s")
@@ -929,7 +939,7 @@ def main(args):
             train_iteration,
             state,
             range(run.progress.get("iteration", 0) + 1, args.num_iterations + 1),
-            lambda iteration, state: evaluate_model({"params": state.params, "obs_stats": state.obs_stats}),
+            on_evaluation,
             resume_point,
         )
     run.finish({})

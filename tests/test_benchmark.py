@@ -186,7 +186,7 @@ def test_speed_builds_every_scripts_rollout(script):
     module = importlib.import_module(script.removesuffix(".py"))
     env, episode_length = module.make_env("CartpoleBalance", "jax")
     init, rollout, inputs = benchmark.rollout_alone(module, env, episode_length)
-    carry = jax.eval_shape(lambda key: init(key, benchmark.SPEED_NUM_ENVS), jax.random.key(0))
+    carry = init(benchmark.SPEED_NUM_ENVS)
     _, transitions, _ = jax.eval_shape(rollout, *inputs, carry, jax.random.key(1))
     assert transitions.obs.shape == (benchmark.SPEED_ROLLOUT_LENGTH, benchmark.SPEED_NUM_ENVS, env.observation_size)
     assert transitions.reward.shape == (benchmark.SPEED_ROLLOUT_LENGTH, benchmark.SPEED_NUM_ENVS)

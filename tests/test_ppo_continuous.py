@@ -128,14 +128,15 @@ def test_policy_distribution_starts_near_unit_scale():
 @pytest.mark.slow
 def test_rollout_truncates_resets_and_carries_episodes_over():
     """Episodes of 10 steps in 25-step rollouts: the time limit truncates (never terminates) every 10th step, the
-    finished return is the sum of the episode's rewards, every episode starts from a fresh start state (not the env's
-    first one, nor the previous episode's), and an episode cut by the end of a rollout goes on in the next."""
+    finished return is the sum of the episode's rewards, every episode starts from a fresh start state made in its
+    first step (the run's first episodes too: the carry begins without any), and an episode cut by the end of a rollout
+    goes on in the next."""
     env, _ = ppo.make_env("CartpoleBalance", "jax")
     policy = ppo.MLP((32,) * 4 + (2 * env.action_size,))
     params = policy.init(jax.random.key(0), jnp.zeros((1, env.observation_size)))
     init, rollout = ppo.make_rollout(env, policy, 25, 10)
     rollout = jax.jit(rollout)
-    carry = jax.jit(init, static_argnums=1)(jax.random.key(1), 4)
+    carry = jax.jit(init, static_argnums=0)(4)
     stats = ppo.init_running_stats(env.observation_size)
     key = jax.random.key(2)
     carry, transitions, finished_returns = rollout(params, stats, carry, key)
@@ -149,11 +150,11 @@ def test_rollout_truncates_resets_and_carries_episodes_over():
     np.testing.assert_allclose(finished[19], rewards[10:20].sum(axis=0), rtol=1e-5)
     assert np.isnan(np.delete(finished, [9, 19], axis=0)).all()
 
-    # The envs that ended in step t start over from the states reset with that step's key.
+    # An episode's first step acts from the states reset with that step's key.
     reset_keys = jax.random.split(jax.random.split(key)[0], 25)
     reset = jax.jit(lambda key: jax.vmap(env.reset)(jax.random.split(key, 4)).obs)
-    for first_step in (10, 20):
-        np.testing.assert_allclose(transitions.obs[first_step], reset(reset_keys[first_step - 1]), atol=1e-5)
+    for first_step in (0, 10, 20):
+        np.testing.assert_allclose(transitions.obs[first_step], reset(reset_keys[first_step]), atol=1e-5)
     assert not np.allclose(transitions.obs[10], transitions.obs[0])
     assert not np.allclose(transitions.obs[20], transitions.obs[10])
     np.testing.assert_array_equal(carry.steps, 5)

@@ -173,7 +173,7 @@ def test_first_ratios_of_the_update_after_a_rollout_are_one(module, overrides, e
     else:
         init, rollout = module.make_rollout(env, policy, args.rollout_length, episode_length)
         policy_inputs = (params["policy"], stats)
-    carry = jax.jit(init, static_argnums=1)(key, args.num_envs)
+    carry = jax.jit(init, static_argnums=0)(args.num_envs)
     carry, transitions, _ = jax.jit(rollout)(*policy_inputs, carry, key)
     settings = (module.stage_settings(args, 0),) if module in GORL else ()
     optimizer = optax.adam(1e-3)
@@ -188,7 +188,7 @@ def test_first_ratios_of_the_update_after_a_rollout_are_one(module, overrides, e
 @pytest.mark.slow
 @pytest.mark.parametrize("module", GORL)
 def test_decoder_data_pairs_each_pre_tanh_action_with_the_observation_it_was_taken_in(module, env):
-    """Replaying the collected pairs reproduces the collection: from the start states, each env is stepped with
+    """Replaying the collected pairs reproduces the collection: from the states it starts in, each env is stepped with
     tanh(action) of the pair whose observation is its current one, and ends where the collection's carry ended."""
     env, episode_length = env
     key = jax.random.key(4)
@@ -196,11 +196,13 @@ def test_decoder_data_pairs_each_pre_tanh_action_with_the_observation_it_was_tak
     (latent_policy, _, decoder_network), params = networks_and_params(module, key, obs_size, action_size)
     decoder = module.identity_decoder(decoder_network, key, obs_size, action_size)
     init, rollout = module.make_rollout(env, latent_policy, decoder_network, 5, episode_length)
-    start = jax.jit(init, static_argnums=1)(key, 3)
+    rollout = jax.jit(rollout)
+    stats = module.init_running_stats(obs_size)
+    start = rollout(params["latent_policy"], stats, decoder, jax.jit(init, static_argnums=0)(3), key)[0]  # begun
     (obs, actions), end = module.collect_decoder_data(
-        jax.jit(rollout),
+        rollout,
         params["latent_policy"],
-        module.init_running_stats(obs_size),
+        stats,
         decoder,
         start,
         key,
