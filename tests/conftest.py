@@ -63,14 +63,17 @@ def read_json(path):
 @pytest.fixture(scope="session")
 def learning_runs(tmp_path_factory):
     """learning_runs(script) -> (run folder, console log) of the script's run in benchmark.sh's smoke preset (seed 1,
-    --save-model), made once per session in one results folder, as `benchmark.py returns --preset smoke` makes it."""
+    --save-model), made once per session in one results folder, as `benchmark.py returns --preset smoke` makes it; the
+    log also holds JAX's line for every program compiled (JAX_LOG_COMPILES)."""
     out = tmp_path_factory.mktemp("smoke")
     runs = {}
 
     def get(script):
         algo = script.removesuffix(".py")
         if script not in runs:
-            result = run_benchmark("returns", "--preset", "smoke", "--algos", algo, "--out", out, timeout=1500)
+            result = run_benchmark(
+                "returns", "--preset", "smoke", "--algos", algo, "--out", out, timeout=1500, log_compiles=True
+            )
             assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
             (run_path,) = glob.glob(os.path.join(out, "runs", f"CartpoleSwingup__{algo}__1__*"))
             with open(os.path.join(out, "logs", f"CartpoleSwingup__{algo}__1.log")) as f:
@@ -81,12 +84,12 @@ def learning_runs(tmp_path_factory):
     return get
 
 
-def run_benchmark(*args, timeout=900):
+def run_benchmark(*args, timeout=900, log_compiles=False):
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmark.py"), *map(str, args)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **({"JAX_LOG_COMPILES": "1"} if log_compiles else {})},
     )
