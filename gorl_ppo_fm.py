@@ -1172,8 +1172,10 @@ def check_args(args):
 def main(args):
     args, checkpoint = read_checkpoint(args.resume) if args.resume else (args, None)
     check_args(args)
-    # MJX programs take tens of seconds to compile: later runs load them from the cache instead.
+    # MJX programs take tens of seconds to compile: later runs load them from the cache instead, the small programs too
+    # (JAX keeps only those that took a second; dozens of small ones take seconds together).
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compilation_cache_dir) or None)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     key = jax.random.key(args.seed)
     network_key, eval_key, train_key, decoder_key, histogram_key = jax.random.split(key, 5)
     env, episode_length = make_env(args.env_id, args.impl)
@@ -1224,8 +1226,6 @@ def main(args):
         )
         train_iteration = jax.jit(make_train_iteration(rollout, update), donate_argnums=0)
         train_program = compiler.submit(train_iteration.lower(state, decoder, stage_settings(args, 0)).compile)
-    if len(args.stage_iterations) > 1:
-        collect_rollout = jax.jit(rollout).lower(policy_params, obs_stats, decoder, state.rollout_carry, train_key)
 
     def log_evaluation(model, returns, episode):
         run.log_evaluation(returns, model)
@@ -1278,8 +1278,13 @@ def main(args):
     run.compile_time = time.time() - compile_start
     print(f"compiled in {run.compile_time:.1f} s")
     if len(args.stage_iterations) > 1:
-        # Not needed before the first stage change: it compiles while stage 0 trains.
-        collect_program = compiler.submit(collect_rollout.compile)
+        # Not needed before the first stage change: it is traced and compiled while stage 0 trains, from the shapes of
+        # its inputs (the first iteration donates their buffers).
+        shapes = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+            (policy_params, obs_stats, decoder, state.rollout_carry, train_key),
+        )
+        collect_program = compiler.submit(lambda: jax.jit(rollout).lower(*shapes).compile())
         next_stage = make_stage_change(
             lambda *inputs: collect_program.result()(*inputs), train_decoder, evaluate_program.result(), optimizer, args
         )

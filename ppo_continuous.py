@@ -865,8 +865,10 @@ def check_args(args):
 def main(args):
     args, checkpoint = read_checkpoint(args.resume) if args.resume else (args, None)
     check_args(args)
-    # MJX programs take tens of seconds to compile: later runs load them from the cache instead.
+    # MJX programs take tens of seconds to compile: later runs load them from the cache instead, the small programs too
+    # (JAX keeps only those that took a second; dozens of small ones take seconds together).
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compilation_cache_dir) or None)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     key = jax.random.key(args.seed)
     network_key, eval_key, train_key = jax.random.split(key, 3)
     env, episode_length = make_env(args.env_id, args.impl)
