@@ -671,7 +671,7 @@ def measure_stepping(script, env_id, impl):
     module = importlib.import_module(script.removesuffix(".py"))
     env, episode_length = module.make_env(env_id, impl)
     init, rollout, inputs = rollout_alone(module, env, episode_length)
-    carry = jax.jit(init, static_argnums=0)(SPEED_NUM_ENVS)
+    carry = init(SPEED_NUM_ENVS)
 
     @jax.jit
     def pure_stepping(env_state, key):

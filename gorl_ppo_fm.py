@@ -1289,6 +1289,9 @@ def main(args):
             lambda *inputs: collect_program.result()(*inputs), train_decoder, evaluate_program.result(), optimizer, args
         )
     if sum(args.stage_iterations) > 0:
+        # The state of the Figure-7 histograms, the same at every stage's end: a start state of its own, made (and its
+        # reset compiled) while stage 0 trains.
+        histogram_obs = compiler.submit(lambda: env.reset(histogram_key).obs)
         if checkpoint:
             progress.update(run.progress)
             encoder = {"latent_policy": state.params["latent_policy"], "obs_stats": state.obs_stats}
@@ -1358,12 +1361,9 @@ def main(args):
                 resume_point,
                 label=f"stage {stage} ",
             )
-            # The Figure-7 histograms: actions at one start state, the same at every stage's end (env.reset is jitted:
-            # it compiles at the first).
-            histogram_obs = env.reset(histogram_key).obs
             policy_params, obs_stats = state.params["latent_policy"], state.obs_stats
             actions = sample_actions(
-                policy_params, obs_stats, decoder, histogram_obs, jax.random.fold_in(histogram_key, stage)
+                policy_params, obs_stats, decoder, histogram_obs.result(), jax.random.fold_in(histogram_key, stage)
             )
             run.writer.add_histogram(
                 "stage/action_first_principal_component", first_principal_component(np.asarray(actions)), run.env_steps

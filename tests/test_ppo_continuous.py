@@ -136,7 +136,7 @@ def test_rollout_truncates_resets_and_carries_episodes_over():
     params = policy.init(jax.random.key(0), jnp.zeros((1, env.observation_size)))
     init, rollout = ppo.make_rollout(env, policy, 25, 10)
     rollout = jax.jit(rollout)
-    carry = jax.jit(init, static_argnums=0)(4)
+    carry = init(4)
     stats = ppo.init_running_stats(env.observation_size)
     key = jax.random.key(2)
     carry, transitions, finished_returns = rollout(params, stats, carry, key)

@@ -121,10 +121,11 @@ def test_every_program_compiles_once(script, learning_runs):
     _, log = learning_runs(script)
     with open(os.path.join(ROOT, script)) as f:
         defined = {node.name for node in ast.walk(ast.parse(f.read())) if isinstance(node, ast.FunctionDef)}
-    compiled = [name for name in re.findall(r"Finished XLA compilation of jit\((\w+)\)", log) if name in defined]
-    before_training = re.findall(r"Finished XLA compilation of jit\((\w+)\)", log[: log.index("compiled in")])
-    assert sorted(name for name in before_training if name in defined) == ["evaluate", "init", "train_iteration"]
-    assert sorted(compiled) == sorted(set(compiled)), compiled
+    compiled = re.compile(r"Finished XLA compilation of jit\((\w+)\)")
+    before_training = [name for name in compiled.findall(log[: log.index("compiled in")]) if name in defined]
+    assert sorted(before_training) == ["evaluate", "init", "train_iteration"]
+    programs = [name for name in compiled.findall(log) if name in defined]
+    assert sorted(programs) == sorted(set(programs)), programs
 
 
 @pytest.mark.parametrize("script", [script for script in SCRIPTS if script.startswith("gorl")])

@@ -173,7 +173,7 @@ def test_first_ratios_of_the_update_after_a_rollout_are_one(module, overrides, e
     else:
         init, rollout = module.make_rollout(env, policy, args.rollout_length, episode_length)
         policy_inputs = (params["policy"], stats)
-    carry = jax.jit(init, static_argnums=0)(args.num_envs)
+    carry = init(args.num_envs)
     carry, transitions, _ = jax.jit(rollout)(*policy_inputs, carry, key)
     settings = (module.stage_settings(args, 0),) if module in GORL else ()
     optimizer = optax.adam(1e-3)
@@ -198,7 +198,7 @@ def test_decoder_data_pairs_each_pre_tanh_action_with_the_observation_it_was_tak
     init, rollout = module.make_rollout(env, latent_policy, decoder_network, 5, episode_length)
     rollout = jax.jit(rollout)
     stats = module.init_running_stats(obs_size)
-    start = rollout(params["latent_policy"], stats, decoder, jax.jit(init, static_argnums=0)(3), key)[0]  # begun
+    start = rollout(params["latent_policy"], stats, decoder, init(3), key)[0]  # begun
     (obs, actions), end = module.collect_decoder_data(
         rollout,
         params["latent_policy"],
