@@ -743,14 +743,18 @@ def speed(args):
         for env_id in args.env_ids:
             for impl in args.impls:
                 print(f"measuring {script} on {env_id} ({impl})...", file=sys.stderr, flush=True)
-                command = [sys.executable, __file__, "_stepping", script, env_id, impl]
-                # One process per measurement: MJX-Warp can hang a process that fails, hence the timeout.
-                stepping = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
-                if stepping.returncode != 0:
-                    raise RuntimeError(f"stepping measurement failed:\n{stepping.stderr[-2000:]}")
-                row = {"script": script, "env_id": env_id, "impl": impl, **json.loads(stepping.stdout.splitlines()[-1])}
-                row.update(measure_training(script, env_id, impl, args.timeout))
-                row.update(measure_startup(script, env_id, impl, args.timeout))
+                row = {"script": script, "env_id": env_id, "impl": impl}
+                if "stepping" in args.measure:
+                    command = [sys.executable, __file__, "_stepping", script, env_id, impl]
+                    # One process per measurement: MJX-Warp can hang a process that fails, hence the timeout.
+                    stepping = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
+                    if stepping.returncode != 0:
+                        raise RuntimeError(f"stepping measurement failed:\n{stepping.stderr[-2000:]}")
+                    row.update(json.loads(stepping.stdout.splitlines()[-1]))
+                if "training" in args.measure:
+                    row.update(measure_training(script, env_id, impl, args.timeout))
+                if "startup" in args.measure:
+                    row.update(measure_startup(script, env_id, impl, args.timeout))
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     print(speed_table(rows))
@@ -759,25 +763,37 @@ def speed(args):
             json.dump(rows, f, indent=2)
 
 
+SPEED_COLUMNS = (  # (header, row key, format) after script, task and impl
+    ("training", "train_sps", ",.0f"),
+    ("rollout alone", "rollout_sps", ",.0f"),
+    ("pure stepping", "pure_step_sps", ",.0f"),
+    ("rollout / pure stepping time", "pure_step_time_ratio", ".2f"),
+    ("rollout share of an iteration", "rollout_share", ".0%"),
+    ("decoder pairs/s", "decoder_pairs_per_s", ",.0f"),
+    ("stage transition (s)", "transition_time_s", ".1f"),
+    ("start-up to iteration 2, cold (s)", "startup_cold_s", ".0f"),
+    ("warm (s)", "startup_warm_s", ".0f"),
+)
+
+
 def speed_table(rows):
     lines = [
         f"Env steps per second at {SPEED_NUM_ENVS} envs x {SPEED_ROLLOUT_LENGTH} steps per iteration "
         f"({' '.join(map(str, SPEED_ARGS))}).",
         "",
-        "| script | task | impl | training | rollout alone | pure stepping | rollout / pure stepping time "
-        "| rollout share of an iteration | decoder pairs/s | stage transition (s) "
-        "| start-up to iteration 2, cold (s) | warm (s) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| script | task | impl | " + " | ".join(header for header, _, _ in SPEED_COLUMNS) + " |",
+        "|---|---|---|" + "---:|" * len(SPEED_COLUMNS),
     ]
     for r in rows:
-        gorl = (
-            (f"{r['decoder_pairs_per_s']:,.0f} | {r['transition_time_s']:.1f}") if "decoder_pairs_per_s" in r else " | "
-        )
-        lines.append(
-            f"| {r['script']} | {r['env_id']} | {r['impl']} | {r['train_sps']:,.0f} | {r['rollout_sps']:,.0f} "
-            f"| {r['pure_step_sps']:,.0f} | {r['pure_step_sps'] / r['rollout_sps']:.2f} "
-            f"| {r['train_sps'] / r['rollout_sps']:.0%} | {gorl} | {r['startup_cold_s']:.0f} | {r['startup_warm_s']:.0f} |"
-        )
+        r = {
+            **r,
+            "pure_step_time_ratio": r["pure_step_sps"] / r["rollout_sps"] if "pure_step_sps" in r else None,
+            "rollout_share": r["train_sps"] / r["rollout_sps"] if {"train_sps", "rollout_sps"} <= set(r) else None,
+        }
+        cells = [r["script"], r["env_id"], r["impl"]]
+        for _, key, spec in SPEED_COLUMNS:  # a blank where --measure left it out (or for a script without it)
+            cells.append("" if r.get(key) is None else format(r[key], spec))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -802,6 +818,13 @@ def main(argv=None):
     speed_parser.add_argument("--scripts", nargs="+", default=list(SCRIPTS))
     speed_parser.add_argument("--env-ids", nargs="+", default=["CheetahRun", "CartpoleBalance"])
     speed_parser.add_argument("--impls", nargs="+", default=["jax", "warp"], choices=["jax", "warp"])
+    speed_parser.add_argument(
+        "--measure",
+        nargs="+",
+        default=["stepping", "training", "startup"],
+        choices=["stepping", "training", "startup"],
+        help="which columns to measure (default: all); the others are left blank",
+    )
     speed_parser.add_argument("--out", help="also write the measurements to this JSON file")
     speed_parser.add_argument("--timeout", type=int, default=3600, help="seconds allowed per measurement")
     cell_parser = commands.add_parser("_cell")  # one run of a grid, new or resumed (used by --slurm's array tasks)

@@ -5,8 +5,9 @@
 #       run the grid of algorithms x tasks x seeds (finished runs are skipped), then write results.md, results.json
 #       and one learning-curve plot per task
 #   bash benchmark.sh summarize DIR            the same summary for any folder of runs
-#   bash benchmark.sh speed [--scripts ...] [--env-ids ...] [--impls jax warp] [--out FILE]
-#       env steps per second of every script: training, rollout alone, pure MJX stepping (256 envs)
+#   bash benchmark.sh speed [--scripts ...] [--env-ids ...] [--impls jax warp] [--measure ...] [--out FILE]
+#       env steps per second of every script: training, rollout alone, pure MJX stepping (256 envs), and the
+#       start-up to the end of iteration 2, cold and with a warm cache (--measure stepping training startup: the default)
 # JAX's persistent compilation cache is on (MJX programs take tens of seconds to compile on a CPU).
 set -euo pipefail
 cd "$(dirname "$0")"

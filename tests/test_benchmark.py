@@ -202,12 +202,15 @@ def test_speed_table():
     for row, cold, warm in zip(rows, (81.4, 120.6), (30.2, 41.5)):
         row.update(startup_cold_s=cold, startup_warm_s=warm)
     rows[1].update(decoder_pairs_per_s=42000.0, transition_time_s=31.3)
+    rows.append({**ppo, "impl": "warp", "startup_cold_s": 95.2, "startup_warm_s": 50.7})  # speed --measure startup
     lines = benchmark.speed_table(rows).splitlines()
+    assert lines[2].count("|") == lines[3].count("|") == lines[-1].count("|") == 13
     # rollout / pure stepping time = pure rate / rollout rate; rollout share of an iteration = training / rollout rate
-    assert lines[-2] == "| ppo_continuous.py | CheetahRun | jax | 1,200 | 8,000 | 10,000 | 1.25 | 15% |  |  | 81 | 30 |"
-    assert lines[-1] == (
+    assert lines[-3] == "| ppo_continuous.py | CheetahRun | jax | 1,200 | 8,000 | 10,000 | 1.25 | 15% |  |  | 81 | 30 |"
+    assert lines[-2] == (
         "| gorl_ppo_fm.py | CheetahRun | warp | 500 | 2,000 | 4,000 | 2.00 | 25% | 42,000 | 31.3 | 121 | 42 |"
     )
+    assert lines[-1] == "| ppo_continuous.py | CheetahRun | warp |  |  |  |  |  |  |  | 95 | 51 |"
 
 
 def test_jobs_get_one_gpu_each_round_robin_and_no_preallocation():
