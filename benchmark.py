@@ -763,6 +763,7 @@ def speed(args):
             json.dump(rows, f, indent=2)
 
 
+SPEED_MEASUREMENTS = ("stepping", "training", "startup")  # what `speed --measure` can choose
 SPEED_COLUMNS = (  # (header, row key, format) after script, task and impl
     ("training", "train_sps", ",.0f"),
     ("rollout alone", "rollout_sps", ",.0f"),
@@ -821,8 +822,8 @@ def main(argv=None):
     speed_parser.add_argument(
         "--measure",
         nargs="+",
-        default=["stepping", "training", "startup"],
-        choices=["stepping", "training", "startup"],
+        default=list(SPEED_MEASUREMENTS),
+        choices=SPEED_MEASUREMENTS,
         help="which columns to measure (default: all); the others are left blank",
     )
     speed_parser.add_argument("--out", help="also write the measurements to this JSON file")

@@ -121,10 +121,10 @@ def test_every_program_compiles_once(script, learning_runs):
     _, log = learning_runs(script)
     with open(os.path.join(ROOT, script)) as f:
         defined = {node.name for node in ast.walk(ast.parse(f.read())) if isinstance(node, ast.FunctionDef)}
-    compiled = re.compile(r"Finished XLA compilation of jit\((\w+)\)")
-    before_training = [name for name in compiled.findall(log[: log.index("compiled in")]) if name in defined]
+    compilation = re.compile(r"Finished XLA compilation of jit\((\w+)\)")
+    before_training = [name for name in compilation.findall(log[: log.index("compiled in")]) if name in defined]
     assert sorted(before_training) == ["evaluate", "init", "train_iteration"]
-    programs = [name for name in compiled.findall(log) if name in defined]
+    programs = [name for name in compilation.findall(log) if name in defined]
     assert sorted(programs) == sorted(set(programs)), programs
 
 
