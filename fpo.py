@@ -17,10 +17,10 @@ exponential, times drawn from U[0, 1).
 Evaluation, as the paper's numbers were made: the stochastic policy (noise drawn from N(0, I)); the deterministic one
 (the flow from zero noise, the noise distribution's mode) is measured beside it.
 
-Fixed against the authors' code (see README.md): the running observation variance (theirs dropped the old
-variance at every update), fresh random start states for every episode (theirs replayed one start per env), and
-advantage normalisation over the steps that have an advantage; the stored losses are computed with the statistics the
-update uses, so every ratio starts at exactly 1.
+Fixed against the authors' code (docs/implementation_details.md says why): the running observation variance (theirs
+dropped the old variance at every update), fresh random start states for every episode (theirs replayed one start per
+env), and advantage normalisation over the steps that have an advantage; the stored losses are computed with the
+statistics the update uses, so every ratio starts at exactly 1.
 
 Shapes in comments: B envs stepped in parallel, T steps per env in one rollout, U steps per sequence (the unroll),
 N sequences in a minibatch (or pairs in a decoder batch), O observation size, A action size (GoRL's latent has it
@@ -35,6 +35,7 @@ github.com/google-deepmind/mujoco_playground.
 import ctypes.util
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -84,7 +85,8 @@ class Args:
     run_dir: str = "runs"
     """the folder that receives one sub-folder per run"""
     save_model: bool = False
-    """save the policy to `model.msgpack` in the run folder (at every evaluation, so a crash keeps the last one)"""
+    """save the model (its networks and observation statistics) to `model.msgpack` in the run folder at every
+    evaluation"""
     resume: Optional[str] = None
     """continue the interrupted run in this run folder from its last checkpoint, exactly as if it had not stopped
     (every other option is the run's own, from its config.json)"""
@@ -352,9 +354,9 @@ def make_rollout(env, policy, num_steps, episode_length, times_on_grid=True):
         return carry, transitions, finished_returns
 
     def auto_reset(begin, env_state, key):
-        """Fresh start states for the envs whose episode begins (`begin`), so that every episode starts from a new random
-        state. They are made only in the steps where an episode begins (after the time limit, all envs at once): a reset
-        can cost many physics steps (CheetahRun's settles for 200)."""
+        """Fresh start states for the envs whose episode begins (`begin`), so that every episode starts from a new
+        random state. They are made only in the steps where an episode begins (after the time limit, all envs at once):
+        a reset can cost many physics steps (CheetahRun's settles for 200)."""
 
         def reset(env_state):
             reset_state = jax.vmap(env.reset)(jax.random.split(key, begin.shape[0]))
@@ -519,10 +521,11 @@ def make_train_iteration(rollout, update):
 
 
 def make_evaluate(env, policy, num_eval_envs, episode_length):
-    def evaluate(policy_params, obs_stats, key, deterministic):
-        """Raw returns in `num_eval_envs` fresh episodes of `episode_length` steps, without auto-reset, of the
-        deterministic policy (the flow from zero noise, the noise distribution's mode) or of the stochastic one (from
-        noise drawn from N(0, I))."""
+    def evaluate(model, key, deterministic):
+        """Raw returns in `num_eval_envs` fresh episodes of `episode_length` steps, without auto-reset, of the model's
+        deterministic policy (the flow from zero noise, the noise distribution's mode) or of its stochastic one (from
+        noise drawn from N(0, I)); and the first episode."""
+        policy_params, obs_stats = model["params"]["policy"], model["obs_stats"]
         reset_key, noise_key = jax.random.split(key)
         env_state = jax.vmap(env.reset)(jax.random.split(reset_key, num_eval_envs))
 
@@ -547,45 +550,120 @@ def make_evaluate(env, policy, num_eval_envs, episode_length):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Videos: the episodes the evaluation ran, drawn by MuJoCo's renderer (word for word the same in every script)
+# main
 
 
-def first_env_pose(env_state):
-    """What it takes to draw the first env: its joint positions and the poses of its mocap bodies."""
-    return env_state.data.qpos[0], env_state.data.mocap_pos[0], env_state.data.mocap_quat[0]
-
-
-def open_renderer(env, args):
-    """MuJoCo's off-screen renderer for --capture-video; exit with one line, before anything is written or compiled,
-    where there is no OpenGL to render with."""
-    visual = env.mj_model.vis.global_
-    visual.offwidth, visual.offheight = max(visual.offwidth, args.video_width), max(visual.offheight, args.video_height)
-    try:
-        return mujoco.Renderer(env.mj_model, args.video_height, args.video_width)
-    except Exception as error:  # each backend fails its own way (FatalError, AttributeError, ImportError)
+def check_args(args):
+    """Exit with one line naming the problem, before anything is compiled or written."""
+    if args.env_id not in dm_control_suite.ALL_ENVS:
+        sys.exit(f"error: unknown --env-id {args.env_id!r}; choose one of: {', '.join(dm_control_suite.ALL_ENVS)}")
+    for name in (
+        "num_envs",
+        "num_eval_envs",
+        "eval_interval",
+        "num_minibatches",
+        "batch_size",
+        "unroll_length",
+        "update_epochs",
+    ):
+        if getattr(args, name) <= 0:
+            sys.exit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if (args.num_minibatches * args.batch_size) % args.num_envs:
         sys.exit(
-            f"error: --capture-video: MuJoCo cannot render with MUJOCO_GL={os.environ.get('MUJOCO_GL', '')!r} "
-            f"({type(error).__name__}: {error}); set MUJOCO_GL=egl (on a machine without a GPU, with "
-            "EGL_PLATFORM=surfaceless LIBGL_ALWAYS_SOFTWARE=1) or MUJOCO_GL=osmesa"
+            f"error: --num-minibatches x --batch-size ({args.num_minibatches} x {args.batch_size}) must be a multiple "
+            f"of --num-envs ({args.num_envs}), so that every env's rollout cuts into whole unrolls"
         )
+    if not 0.0 < args.gamma <= 1.0:
+        sys.exit(f"error: --gamma must be in (0, 1], got {args.gamma}")
+    if args.learning_rate <= 0 or args.clip_eps <= 0 or args.max_grad_norm <= 0:
+        sys.exit("error: --learning-rate, --clip-eps and --max-grad-norm must be positive")
+    check_run_args(args)
+    args.rollout_length = args.num_minibatches * args.batch_size * args.unroll_length // args.num_envs
+    steps_per_iteration = args.num_envs * args.rollout_length
+    if args.total_timesteps < 0:
+        sys.exit(f"error: --total-timesteps must be >= 0, got {args.total_timesteps}")
+    if 0 < args.total_timesteps < steps_per_iteration:
+        sys.exit(
+            f"error: --total-timesteps {args.total_timesteps} is less than one iteration ({steps_per_iteration} env "
+            f"steps = --num-envs x rollout length)"
+        )
+    args.num_iterations = args.total_timesteps // steps_per_iteration
 
 
-def render_episode(renderer, env, episode, stride):
-    """Frames (F, H, W, 3) of an episode the jitted evaluation ran, from every `stride`-th pose of `episode` (tuples of
-    first_env_pose, stacked over time: nothing is simulated again), seen by the model's first camera (in the DeepMind
-    Control Suite, the one that follows the body), and their frame rate in real time."""
-    model, data = env.mj_model, mujoco.MjData(env.mj_model)
-    frames = []
-    for qpos, mocap_pos, mocap_quat in zip(*(np.asarray(x)[::stride] for x in episode)):
-        data.qpos, data.mocap_pos, data.mocap_quat = qpos, mocap_pos, mocap_quat
-        mujoco.mj_forward(model, data)
-        renderer.update_scene(data, camera=0 if model.ncam else -1)
-        frames.append(renderer.render())
-    return np.stack(frames), 1.0 / (env.dt * stride)
+def main(args):
+    args, checkpoint = read_checkpoint(args.resume) if args.resume else (args, None)
+    check_args(args)
+    use_compilation_cache(args.compilation_cache_dir)
+    network_key, eval_key, train_key = jax.random.split(jax.random.key(args.seed), 3)
+    env, episode_length = make_env(args.env_id, args.impl)
+    renderer = open_renderer(env, args)
+    (policy, critic), params = make_networks(env, network_key)
+    model = {"params": params, "obs_stats": init_running_stats(env.observation_size)}
+    model, start_steps = load_model(args.load_model, args, model) if args.load_model else (model, 0)
+    optimizer = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(args.learning_rate))
+    init_rollout, rollout = make_rollout(env, policy, args.rollout_length, episode_length, args.ratio == "per_pair")
+    update = make_update(policy, critic, optimizer, args)
+    evaluate = make_evaluate(env, policy, args.num_eval_envs, episode_length)
+    run = Run(args, env, renderer, start_steps, checkpoint)
+    steps_per_iteration = args.num_envs * args.rollout_length
+    print(f"{args.env_id} ({args.impl}): {args.num_iterations} iterations x {steps_per_iteration:,} env steps")
+
+    # The model is evaluated at the first step as soon as the evaluation has compiled, while training compiles.
+    run.start_evaluations(evaluate, model, eval_key)
+    if args.num_iterations == 0:  # --total-timesteps 0: the model is only evaluated
+        run.finish({})
+        return
+    opt_state = optimizer.init(model["params"])
+    state = TrainState(model["params"], opt_state, model["obs_stats"], init_rollout(args.num_envs), train_key)
+    train_iteration = run.compile_training(make_train_iteration(rollout, update), state)
+    state = run.resume(state)
+
+    for iteration in run.iterations(args.num_iterations):
+        state, metrics = train_iteration(state)  # a rollout, then update_epochs passes over it
+        run.log_iteration(metrics)
+        if run.evaluation_due():
+            run.evaluate({"params": state.params, "obs_stats": state.obs_stats})
+        run.checkpoint_if_due(state)
+    run.finish({})
+
+
+# =====================================================================================================================
+# Appendix: the run's plumbing. Nothing below is the algorithm: the run folder and its logs, model and checkpoint files,
+# resume, stop signals, videos, compilation in threads and the checks of the run options. It is word for word the same
+# in every script (tests/test_shared_text.py holds it so); a reader of the method can stop at the end of main.
+# =====================================================================================================================
+
+
+def use_compilation_cache(cache_dir):
+    """MJX programs take tens of seconds to compile: later runs load them from the cache in `cache_dir` ("": none)
+    instead, the small programs too (JAX keeps only those that took a second; dozens of small ones take seconds)."""
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache_dir) or None)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def check_run_args(args):
+    """The options every script shares: exit with one line naming the problem, before anything is written."""
+    if args.checkpoint_interval <= 0:
+        sys.exit(f"error: --checkpoint-interval must be positive, got {args.checkpoint_interval}")
+    if min(args.video_width, args.video_height) <= 0 or (args.video_width | args.video_height) % 2:
+        sys.exit(
+            f"error: --video-width and --video-height must be positive and even, got {args.video_width} x "
+            f"{args.video_height}"
+        )
+    if args.video_frame_stride <= 0:
+        sys.exit(f"error: --video-frame-stride must be positive, got {args.video_frame_stride}")
+    if args.load_model is not None and not os.path.isfile(args.load_model):
+        sys.exit(f"error: --load-model {args.load_model}: no such file")
+    if not args.resume:
+        existing = os.path.abspath(args.run_dir)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+            sys.exit(f"error: --run-dir {args.run_dir}: cannot write there ({existing} is not a writable folder)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The run: files, checkpoints and the loop over training iterations (word for word the same in every script)
+# Files: written atomically, models and checkpoints as flax msgpack (never pickle)
 
 
 def write_atomic(path, data):
@@ -644,9 +722,9 @@ def save_model(path, args, env_steps, model):
 
 
 def load_model(path, args, model):
-    """(env_steps, model) from a file of --save-model, shaped like `model`; exits with one line if it does not fit."""
+    """(model, env_steps) from a file of --save-model, shaped like `model`; exits with one line if it does not fit."""
     header, arrays = read_arrays(path, "--load-model", args.env_id, "model")
-    return header["env_steps"], restore_arrays(arrays, model, f"--load-model {path}")
+    return restore_arrays(arrays, model, f"--load-model {path}"), header["env_steps"]
 
 
 def read_checkpoint(run_path):
@@ -683,19 +761,68 @@ def run_metadata():
     return {"versions": versions, "git_commit": commit}
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Videos: the episodes the evaluation ran, drawn by MuJoCo's renderer
+
+
+def first_env_pose(env_state):
+    """What it takes to draw the first env: its joint positions and the poses of its mocap bodies."""
+    return env_state.data.qpos[0], env_state.data.mocap_pos[0], env_state.data.mocap_quat[0]
+
+
+def open_renderer(env, args):
+    """MuJoCo's off-screen renderer for --capture-video (None without it); exits with one line, before anything is
+    written or compiled, where there is no OpenGL to render with."""
+    if not args.capture_video:
+        return None
+    visual = env.mj_model.vis.global_
+    visual.offwidth, visual.offheight = max(visual.offwidth, args.video_width), max(visual.offheight, args.video_height)
+    try:
+        return mujoco.Renderer(env.mj_model, args.video_height, args.video_width)
+    except Exception as error:  # each backend fails its own way (FatalError, AttributeError, ImportError)
+        sys.exit(
+            f"error: --capture-video: MuJoCo cannot render with MUJOCO_GL={os.environ.get('MUJOCO_GL', '')!r} "
+            f"({type(error).__name__}: {error}); set MUJOCO_GL=egl (on a machine without a GPU, with "
+            "EGL_PLATFORM=surfaceless LIBGL_ALWAYS_SOFTWARE=1) or MUJOCO_GL=osmesa"
+        )
+
+
+def render_episode(renderer, env, episode, stride):
+    """Frames (F, H, W, 3) of an episode the jitted evaluation ran, from every `stride`-th pose of `episode` (tuples of
+    first_env_pose, stacked over time: nothing is simulated again), seen by the model's first camera (in the DeepMind
+    Control Suite, the one that follows the body), and their frame rate in real time."""
+    model, data = env.mj_model, mujoco.MjData(env.mj_model)
+    frames = []
+    for qpos, mocap_pos, mocap_quat in zip(*(np.asarray(x)[::stride] for x in episode)):
+        data.qpos, data.mocap_pos, data.mocap_quat = qpos, mocap_pos, mocap_quat
+        mujoco.mj_forward(model, data)
+        renderer.update_scene(data, camera=0 if model.ncam else -1)
+        frames.append(renderer.render())
+    return np.stack(frames), 1.0 / (env.dt * stride)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run: its folder, programs, evaluations, iterations, checkpoints and stop signals
+
+
 class Run:
     """The host side of a run: its folder (config.json, eval.csv, TensorBoard, model.msgpack, checkpoint.msgpack,
-    summary.json), the loop over training iterations, and the signals that stop it with a checkpoint."""
+    summary.json, videos), the compilation of its programs, the evaluations and iterations it logs, its checkpoints and
+    the signals that stop it with one."""
 
-    def __init__(self, args, start_steps, checkpoint):
+    def __init__(self, args, env, renderer, start_steps, checkpoint):
         """A new run folder, or with `checkpoint` (from read_checkpoint) the interrupted run's, continued."""
-        self.args, self.start_time, self.compile_time, self.stop_signal = args, time.time(), 0.0, None
-        self.progress = checkpoint[0] if checkpoint else {}
+        self.args, self.env, self.renderer = args, env, renderer
+        self.start_time, self.compile_time, self.stop_signal = time.time(), 0.0, None
+        self.progress, self.saved_arrays = checkpoint or ({}, None)  # the checkpoint's progress (empty in a new run)
+        self.stage, self.iteration = None, self.progress.get("iteration", 0)
         self.env_steps = self.progress.get("env_steps", start_steps)
         self.start_steps = self.progress.get("start_steps", start_steps)
         self.train_time = self.progress.get("train_time", 0.0)
         self.previous_time = self.progress.get("elapsed", 0.0)
         self.eval_rows = self.progress.get("eval_rows", [])
+        # XLA compiles a program on about one core: each compiles in a thread of its own while the next is traced.
+        self.workers = ThreadPoolExecutor()
         run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
         self.path = args.resume or os.path.join(args.run_dir, run_name)
         if not args.resume:
@@ -730,6 +857,181 @@ class Run:
             signal.signal(signum, self.request_stop)
         print(f"run folder: {self.path}" + (f" (resumed at env step {self.env_steps:,})" if args.resume else ""))
 
+    # Compilation, and the evaluation at the first step while the training iteration compiles
+
+    def start_evaluations(self, evaluate, model, key):
+        """Trace `evaluate(model, key, deterministic) -> (returns, first episode)` here and compile it in a thread; in a
+        new run, evaluate `model` at this env step in another as soon as it is compiled."""
+        print("compiling...")
+        self.compile_start, self.eval_key = time.time(), key
+        self.evaluate_program = self.workers.submit(jax.jit(evaluate).lower(model, key, True).compile)
+        self.first_evaluation = None
+        if not self.args.resume:
+            self.first_evaluation = self.workers.submit(lambda: (model, *self.evaluate_in_both_modes(model)))
+
+    def compile_training(self, train_iteration, *example_args):
+        """`train_iteration` jitted, its first argument (the training state) donated, so that each iteration updates it
+        in place; traced here, compiled in a thread, and returned once compiled and once the evaluation at the first
+        step is logged (the first iteration donates the buffers that evaluation reads)."""
+        program = self.workers.submit(jax.jit(train_iteration, donate_argnums=0).lower(*example_args).compile)
+        self.log_first_evaluation()
+        compiled = program.result()
+        self.compile_time = time.time() - self.compile_start
+        print(f"compiled in {self.compile_time:.1f} s")
+        return compiled
+
+    def compile_in_background(self, function, *example_args):
+        """`function` jitted, then traced and compiled in a thread while training goes on, from the shapes of the
+        example arguments (training donates their buffers meanwhile); calling the result waits for the program."""
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), example_args)
+        program = self.workers.submit(lambda: jax.jit(function).lower(*shapes).compile())
+        return lambda *inputs: program.result()(*inputs)
+
+    def log_first_evaluation(self):
+        if self.first_evaluation is not None:
+            self.log_evaluation(*self.first_evaluation.result())
+            self.first_evaluation = None
+
+    # Evaluations
+
+    def evaluate_compiled(self, model, key, deterministic):
+        """The script's evaluation, compiled: `model`'s returns in the episodes of `key`, and its first episode."""
+        return self.evaluate_program.result()(model, key, deterministic)
+
+    def evaluate_in_both_modes(self, model):
+        """`model`'s returns in each mode of EVAL_MODES, and its first episode in each: on new start states and noise at
+        every evaluation, from a key of its env step, the same for both modes (paired) and in every run of this seed."""
+        key = jax.random.fold_in(self.eval_key, self.env_steps)
+        returns, episodes = zip(*(self.evaluate_compiled(model, key, mode == "deterministic") for mode in EVAL_MODES))
+        return [np.asarray(r) for r in returns], episodes
+
+    def evaluate(self, model):
+        """Evaluate `model` at this env step and log it; returns its mean return in the paper's mode."""
+        self.log_evaluation(model, *self.evaluate_in_both_modes(model))
+        return self.eval_rows[-1][1]
+
+    def log_evaluation(self, model, returns, episodes):
+        """Log the returns (one array per mode of EVAL_MODES) of `model` evaluated at this env step: eval.csv,
+        TensorBoard, the console, with --save-model the model and with --capture-video its first episode."""
+        self.eval_rows.append((self.env_steps, *(float(f(r)) for r in returns for f in (np.mean, np.std))))
+        self.writer.add_scalar("eval/episodic_return", returns[0].mean(), self.env_steps)
+        self.writer.add_scalar("eval/episodic_return_std", returns[0].std(), self.env_steps)
+        self.writer.add_scalar(f"eval/{EVAL_MODES[1]}_episodic_return", returns[1].mean(), self.env_steps)
+        write_atomic(
+            os.path.join(self.path, "eval.csv"),
+            f"env_steps,eval_return_mean,eval_return_std,{EVAL_MODES[1]}_return_mean,{EVAL_MODES[1]}_return_std\n"
+            + "".join(f"{row[0]}," + ",".join(f"{x:.4f}" for x in row[1:]) + "\n" for row in self.eval_rows),
+        )
+        if self.args.save_model:
+            save_model(os.path.join(self.path, "model.msgpack"), self.args, self.env_steps, model)
+        self.log_video(episodes[:1])
+        sps = (self.env_steps - self.start_steps) / self.train_time if self.train_time > 0 else 0.0
+        elapsed = time.strftime("%H:%M:%S", time.gmtime(self.previous_time + time.time() - self.start_time))
+        print(
+            f"eval  step {self.env_steps:>12,} | return {returns[0].mean():8.2f} +- {returns[0].std():7.2f} | "
+            f"{EVAL_MODES[1]} {returns[1].mean():8.2f} | SPS {sps:9,.0f} | {elapsed}"
+        )
+
+    def log_video(self, episodes, suffix=""):
+        """With --capture-video, render `episodes` (side by side) to videos/{env steps}{suffix}.mp4 in the run folder,
+        and a preview (every fourth frame at half the size: TensorBoard stores videos as GIFs, 10 MB for a whole 320 x
+        240 episode) to TensorBoard."""
+        if self.renderer is None:
+            return
+        rendered = [
+            render_episode(self.renderer, self.env, episode, self.args.video_frame_stride) for episode in episodes
+        ]
+        frames, fps = np.concatenate([frames for frames, _ in rendered], axis=2), rendered[0][1]
+        os.makedirs(os.path.join(self.path, "videos"), exist_ok=True)
+        path = os.path.join(self.path, "videos", f"{self.env_steps}{suffix}.mp4")
+        video = imageio_ffmpeg.write_frames(path + ".part.mp4", frames.shape[2:0:-1], fps=fps, macro_block_size=2)
+        video.send(None)
+        for frame in frames:
+            video.send(np.ascontiguousarray(frame))
+        video.close()
+        os.replace(path + ".part.mp4", path)
+        preview = frames[None, ::4, ::2, ::2].transpose(0, 1, 4, 2, 3)  # (1, F / 4, 3, H / 2, W / 2)
+        self.writer.add_video(f"videos/evaluation{suffix}", preview, self.env_steps, fps / 4)
+
+    # Training iterations and checkpoints
+
+    def resume(self, tree, **progress):
+        """The training state to start from: with --resume the checkpoint's, shaped like `tree`; in a new run `tree`
+        itself, checkpointed with the script's `progress` (a stop signal during compilation stops the run there)."""
+        if self.args.resume:
+            return restore_arrays(self.saved_arrays, tree, f"--resume {self.path}")
+        self.checkpoint(tree, **progress)
+        self.stop_if_requested()
+        return tree
+
+    def iterations(self, num_iterations, stage=None):
+        """The numbers of the training iterations 1..num_iterations (of GoRL's `stage`) still to run: in the stage of
+        the checkpoint a resumed run goes on after it. Each is timed from here to log_iteration."""
+        done = self.progress.get("iteration", 0) if (stage or 0) == (self.progress.get("stage") or 0) else 0
+        self.stage, self.last_iteration = stage, num_iterations
+        for self.iteration in range(done + 1, num_iterations + 1):
+            self.iteration_start = time.time()
+            yield self.iteration
+
+    def log_iteration(self, metrics):
+        """Log the iteration's metrics (their copy to the host is the one sync of an iteration) and its speed; stop the
+        run where a loss or a parameter is not finite."""
+        metrics = jax.device_get(metrics)
+        steps_per_iteration = self.args.num_envs * self.args.rollout_length
+        iteration_time = time.time() - self.iteration_start
+        self.train_time += iteration_time
+        self.env_steps += steps_per_iteration
+        label = "" if self.stage is None else f"stage {self.stage} "
+        if not metrics["finite"]:
+            self.writer.close()
+            sys.exit(
+                f"error: non-finite loss or parameters at {label}iteration {self.iteration} (env step "
+                f"{self.env_steps:,}); training stopped, the logs and the last saved model in {self.path} are kept"
+            )
+        self.log_scalars("losses", {k: v for k, v in metrics.items() if k not in ("finite", "train_episode_return")})
+        if np.isfinite(metrics["train_episode_return"]):
+            self.writer.add_scalar("charts/episodic_return", metrics["train_episode_return"], self.env_steps)
+        self.writer.add_scalar("charts/SPS", steps_per_iteration / iteration_time, self.env_steps)
+        print(
+            f"{label}iter {self.iteration:>4}/{self.last_iteration} | step {self.env_steps:>12,} | loss "
+            f"{metrics['loss']:8.4f} | SPS {steps_per_iteration / iteration_time:9,.0f}"
+        )
+
+    def log_scalars(self, prefix, values):
+        for name, value in values.items():
+            self.writer.add_scalar(f"{prefix}/{name}", value, self.env_steps)
+
+    def evaluation_due(self):
+        """Whether the iteration just logged crossed a multiple of --eval-interval or ended its stage."""
+        interval, steps_per_iteration = self.args.eval_interval, self.args.num_envs * self.args.rollout_length
+        crossed = self.env_steps // interval > (self.env_steps - steps_per_iteration) // interval
+        return crossed or self.iteration == self.last_iteration
+
+    def checkpoint_if_due(self, tree, **progress):
+        """Replace the checkpoint with `tree` and the script's `progress` after every evaluation, every
+        --checkpoint-interval minutes and on a stop signal; then stop if one came."""
+        evaluated = self.eval_rows[-1][0] == self.env_steps
+        overdue = time.time() - self.checkpoint_time > 60 * self.args.checkpoint_interval
+        if evaluated or overdue or self.stop_signal is not None:
+            self.checkpoint(tree, **progress)
+        self.stop_if_requested()
+
+    def checkpoint(self, tree, **progress):
+        """Replace the run's checkpoint with everything --resume needs to continue exactly from here."""
+        progress = {
+            **progress,
+            "stage": self.stage,
+            "iteration": self.iteration,
+            "env_steps": self.env_steps,
+            "start_steps": self.start_steps,
+            "train_time": self.train_time,
+            "elapsed": self.previous_time + time.time() - self.start_time,
+            "eval_rows": self.eval_rows,
+        }
+        header = {"algo": ALGO, "env_id": self.args.env_id, "kind": "checkpoint", "progress": progress}
+        save_arrays(os.path.join(self.path, "checkpoint.msgpack"), header, tree)
+        self.checkpoint_time = time.time()
+
     def request_stop(self, signum, frame):
         """The first SIGTERM or SIGINT stops the run at the end of the iteration, with a checkpoint; a second ends the
         process at once."""
@@ -746,98 +1048,14 @@ class Run:
             )
             sys.exit(128 + self.stop_signal)
 
-    def log_evaluation(self, returns, model):
-        """Log the returns (one array per mode of EVAL_MODES) of `model` evaluated at this env step."""
-        self.eval_rows.append((self.env_steps, *(float(f(r)) for r in returns for f in (np.mean, np.std))))
-        self.writer.add_scalar("eval/episodic_return", returns[0].mean(), self.env_steps)
-        self.writer.add_scalar("eval/episodic_return_std", returns[0].std(), self.env_steps)
-        self.writer.add_scalar(f"eval/{EVAL_MODES[1]}_episodic_return", returns[1].mean(), self.env_steps)
-        write_atomic(
-            os.path.join(self.path, "eval.csv"),
-            f"env_steps,eval_return_mean,eval_return_std,{EVAL_MODES[1]}_return_mean,{EVAL_MODES[1]}_return_std\n"
-            + "".join(f"{row[0]}," + ",".join(f"{x:.4f}" for x in row[1:]) + "\n" for row in self.eval_rows),
-        )
-        if self.args.save_model:
-            save_model(os.path.join(self.path, "model.msgpack"), self.args, self.env_steps, model)
-        sps = (self.env_steps - self.start_steps) / self.train_time if self.train_time > 0 else 0.0
-        elapsed = time.strftime("%H:%M:%S", time.gmtime(self.previous_time + time.time() - self.start_time))
-        print(
-            f"eval  step {self.env_steps:>12,} | return {returns[0].mean():8.2f} +- {returns[0].std():7.2f} | "
-            f"{EVAL_MODES[1]} {returns[1].mean():8.2f} | SPS {sps:9,.0f} | {elapsed}"
-        )
-
-    def log_video(self, frames, fps, suffix=""):
-        """Save rendered frames (F, H, W, 3) as videos/{env steps}{suffix}.mp4 in the run folder, and a preview (every
-        fourth frame at half the size: TensorBoard stores videos as GIFs, 10 MB for a whole 320 x 240 episode) to
-        TensorBoard."""
-        os.makedirs(os.path.join(self.path, "videos"), exist_ok=True)
-        path = os.path.join(self.path, "videos", f"{self.env_steps}{suffix}.mp4")
-        video = imageio_ffmpeg.write_frames(path + ".part.mp4", frames.shape[2:0:-1], fps=fps, macro_block_size=2)
-        video.send(None)
-        for frame in frames:
-            video.send(np.ascontiguousarray(frame))
-        video.close()
-        os.replace(path + ".part.mp4", path)
-        preview = frames[None, ::4, ::2, ::2].transpose(0, 1, 4, 2, 3)  # (1, F / 4, 3, H / 2, W / 2)
-        self.writer.add_video(f"videos/evaluation{suffix}", preview, self.env_steps, fps / 4)
-
-    def checkpoint(self, progress, tree):
-        """Replace the run's checkpoint with everything --resume needs to continue exactly from here."""
-        progress = {
-            **progress,
-            "env_steps": self.env_steps,
-            "start_steps": self.start_steps,
-            "train_time": self.train_time,
-            "elapsed": self.previous_time + time.time() - self.start_time,
-            "eval_rows": self.eval_rows,
-        }
-        header = {"algo": ALGO, "env_id": self.args.env_id, "kind": "checkpoint", "progress": progress}
-        save_arrays(os.path.join(self.path, "checkpoint.msgpack"), header, tree)
-        self.checkpoint_time = time.time()
-
-    def train(self, train_iteration, state, iterations, evaluate, resume_point, label=""):
-        """Run the training iterations `iterations` (a range, numbered within the stage): evaluate each time training
-        crosses a multiple of --eval-interval and after the last, and checkpoint at every evaluation, every
-        --checkpoint-interval minutes and on a stop signal (then stop). `evaluate(iteration, state)` and
-        `resume_point(iteration, state) -> (progress, arrays)` are the script's."""
-        args, steps_per_iteration = self.args, self.args.num_envs * self.args.rollout_length
-        for iteration in iterations:
-            iteration_start = time.time()
-            state, metrics = train_iteration(state)
-            metrics = jax.device_get(metrics)  # the one host sync of the iteration
-            iteration_time = time.time() - iteration_start
-            self.train_time += iteration_time
-            self.env_steps += steps_per_iteration
-            if not metrics["finite"]:
-                self.writer.close()
-                sys.exit(
-                    f"error: non-finite loss or parameters at {label}iteration {iteration} (env step "
-                    f"{self.env_steps:,}); training stopped, the logs and the last saved model in {self.path} are kept"
-                )
-            for name, value in metrics.items():
-                if name not in ("finite", "train_episode_return"):
-                    self.writer.add_scalar(f"losses/{name}", value, self.env_steps)
-            if np.isfinite(metrics["train_episode_return"]):
-                self.writer.add_scalar("charts/episodic_return", metrics["train_episode_return"], self.env_steps)
-            self.writer.add_scalar("charts/SPS", steps_per_iteration / iteration_time, self.env_steps)
-            print(
-                f"{label}iter {iteration:>4}/{iterations[-1]} | step {self.env_steps:>12,} | loss "
-                f"{metrics['loss']:8.4f} | SPS {steps_per_iteration / iteration_time:9,.0f}"
-            )
-            crossed = (
-                self.env_steps // args.eval_interval > (self.env_steps - steps_per_iteration) // args.eval_interval
-            )
-            if iteration == iterations[-1] or crossed:
-                evaluate(iteration, state)
-                self.checkpoint(*resume_point(iteration, state))
-            elif self.stop_signal is not None or time.time() - self.checkpoint_time > 60 * args.checkpoint_interval:
-                self.checkpoint(*resume_point(iteration, state))
-            self.stop_if_requested()
-        return state
-
     def finish(self, summary):
         """Write summary.json: the final evaluation's figures, the run's clocks and the script's own `summary`."""
+        if self.first_evaluation is not None:  # no training: the run was its evaluation
+            self.log_first_evaluation()
+            self.compile_time = time.time() - self.compile_start
+            print(f"compiled in {self.compile_time:.1f} s")
         final_steps, final_mean, final_std, other_mean, other_std = self.eval_rows[-1]
+        device = jax.devices()[0]
         summary = {
             "env_id": self.args.env_id,
             "algo": ALGO,
@@ -852,157 +1070,14 @@ class Run:
             "wall_time_s": self.previous_time + time.time() - self.start_time,
             "compile_time_s": self.compile_time,
             "train_sps": (final_steps - self.start_steps) / self.train_time if self.train_time > 0 else 0.0,
+            "device": device.device_kind,  # "cpu" or the GPU's name
+            "peak_device_memory_bytes": (device.memory_stats() or {}).get("peak_bytes_in_use"),  # None on a CPU
+            "peak_resident_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # of this process
             **summary,
         }
         write_atomic(os.path.join(self.path, "summary.json"), json.dumps(summary, indent=2))
         self.writer.close()
         print(f"final return {final_mean:.2f} +- {final_std:.2f}; results in {self.path}")
-
-
-def check_run_args(args):
-    """The options every script shares: exit with one line naming the problem, before anything is written."""
-    if args.checkpoint_interval <= 0:
-        sys.exit(f"error: --checkpoint-interval must be positive, got {args.checkpoint_interval}")
-    if min(args.video_width, args.video_height) <= 0 or (args.video_width | args.video_height) % 2:
-        sys.exit(
-            f"error: --video-width and --video-height must be positive and even, got {args.video_width} x "
-            f"{args.video_height}"
-        )
-    if args.video_frame_stride <= 0:
-        sys.exit(f"error: --video-frame-stride must be positive, got {args.video_frame_stride}")
-    if args.load_model is not None and not os.path.isfile(args.load_model):
-        sys.exit(f"error: --load-model {args.load_model}: no such file")
-    if not args.resume:
-        existing = os.path.abspath(args.run_dir)
-        while not os.path.exists(existing):
-            existing = os.path.dirname(existing)
-        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-            sys.exit(f"error: --run-dir {args.run_dir}: cannot write there ({existing} is not a writable folder)")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# main
-
-
-def check_args(args):
-    """Exit with one line naming the problem, before anything is compiled or written."""
-    if args.env_id not in dm_control_suite.ALL_ENVS:
-        sys.exit(f"error: unknown --env-id {args.env_id!r}; choose one of: {', '.join(dm_control_suite.ALL_ENVS)}")
-    for name in (
-        "num_envs",
-        "num_eval_envs",
-        "eval_interval",
-        "num_minibatches",
-        "batch_size",
-        "unroll_length",
-        "update_epochs",
-    ):
-        if getattr(args, name) <= 0:
-            sys.exit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.total_timesteps < 0:
-        sys.exit(f"error: --total-timesteps must be >= 0, got {args.total_timesteps}")
-    if (args.num_minibatches * args.batch_size) % args.num_envs:
-        sys.exit(
-            f"error: --num-minibatches x --batch-size ({args.num_minibatches} x {args.batch_size}) must be a multiple "
-            f"of --num-envs ({args.num_envs}), so that every env's rollout cuts into whole unrolls"
-        )
-    if not 0.0 < args.gamma <= 1.0:
-        sys.exit(f"error: --gamma must be in (0, 1], got {args.gamma}")
-    if args.learning_rate <= 0 or args.clip_eps <= 0 or args.max_grad_norm <= 0:
-        sys.exit("error: --learning-rate, --clip-eps and --max-grad-norm must be positive")
-    check_run_args(args)
-    args.rollout_length = args.num_minibatches * args.batch_size * args.unroll_length // args.num_envs
-    args.num_iterations = args.total_timesteps // (args.num_envs * args.rollout_length)
-    if args.total_timesteps > 0 and args.num_iterations == 0:
-        sys.exit(
-            f"error: --total-timesteps {args.total_timesteps} is less than one iteration "
-            f"({args.num_envs * args.rollout_length} env steps = --num-envs x rollout length)"
-        )
-
-
-def main(args):
-    args, checkpoint = read_checkpoint(args.resume) if args.resume else (args, None)
-    check_args(args)
-    # MJX programs take tens of seconds to compile: later runs load them from the cache instead, the small programs too
-    # (JAX keeps only those that took a second; dozens of small ones take seconds together).
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compilation_cache_dir) or None)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    key = jax.random.key(args.seed)
-    network_key, eval_key, train_key = jax.random.split(key, 3)
-    env, episode_length = make_env(args.env_id, args.impl)
-    renderer = open_renderer(env, args) if args.capture_video else None
-    (policy, critic), params = make_networks(env, network_key)
-    model = {"params": params, "obs_stats": init_running_stats(env.observation_size)}
-    start_steps = 0
-    if args.load_model:
-        start_steps, model = load_model(args.load_model, args, model)
-    optimizer = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(args.learning_rate))
-    init_rollout, rollout = make_rollout(env, policy, args.rollout_length, episode_length, args.ratio == "per_pair")
-    update = make_update(policy, critic, optimizer, args)
-    evaluate = make_evaluate(env, policy, args.num_eval_envs, episode_length)
-    run = Run(args, start_steps, checkpoint)
-
-    steps_per_iteration = args.num_envs * args.rollout_length
-    print(f"{args.env_id} ({args.impl}): {args.num_iterations} iterations x {steps_per_iteration:,} env steps")
-    print("compiling...")
-    compile_start = time.time()
-    # XLA compiles a program on about one core: each one compiles in a thread of its own while the next is traced, and
-    # the evaluation at step 0 runs as soon as its program is ready, while the training iteration is traced and compiled.
-    compiler = ThreadPoolExecutor()
-    policy_params, obs_stats = model["params"]["policy"], model["obs_stats"]
-    evaluate_program = compiler.submit(jax.jit(evaluate).lower(policy_params, obs_stats, eval_key, True).compile)
-
-    def evaluate_model(model, env_steps):
-        """The returns of `model` in both modes of EVAL_MODES, and its first episode in the first mode."""
-        # New start states at every evaluation, from a key of its env step; both modes on the same ones (paired).
-        key = jax.random.fold_in(eval_key, env_steps)
-        policy_params, obs_stats = model["params"]["policy"], model["obs_stats"]
-        evaluate = evaluate_program.result()
-        returns, episodes = zip(
-            *(evaluate(policy_params, obs_stats, key, mode == "deterministic") for mode in EVAL_MODES)
-        )
-        return [np.asarray(r) for r in returns], episodes[0]
-
-    first_evaluation = None if checkpoint else compiler.submit(evaluate_model, model, run.env_steps)
-    if args.num_iterations > 0:
-        state = TrainState(
-            model["params"], optimizer.init(model["params"]), obs_stats, init_rollout(args.num_envs), train_key
-        )
-        train_iteration = jax.jit(make_train_iteration(rollout, update), donate_argnums=0)
-        train_program = compiler.submit(train_iteration.lower(state).compile)
-
-    def log_evaluation(model, returns, episode):
-        run.log_evaluation(returns, model)
-        if args.capture_video:
-            run.log_video(*render_episode(renderer, env, episode, args.video_frame_stride))
-
-    def on_evaluation(iteration, state):
-        model = {"params": state.params, "obs_stats": state.obs_stats}
-        log_evaluation(model, *evaluate_model(model, run.env_steps))
-
-    def resume_point(iteration, state):
-        return {"iteration": iteration}, state
-
-    if first_evaluation:  # done before training begins: the first iteration donates the parameters' buffers
-        log_evaluation(model, *first_evaluation.result())
-    if args.num_iterations > 0:
-        train_iteration = train_program.result()
-    run.compile_time = time.time() - compile_start
-    print(f"compiled in {run.compile_time:.1f} s")
-    if args.num_iterations > 0:
-        if checkpoint:
-            state = restore_arrays(checkpoint[1], state, f"--resume {run.path}")
-        else:
-            run.checkpoint(*resume_point(0, state))
-            run.stop_if_requested()
-        state = run.train(
-            train_iteration,
-            state,
-            range(run.progress.get("iteration", 0) + 1, args.num_iterations + 1),
-            on_evaluation,
-            resume_point,
-        )
-    run.finish({})
 
 
 if __name__ == "__main__":

@@ -12,11 +12,11 @@ identity, so stage 0 is Gaussian PPO. The whole stage loop runs in one process a
 
     python gorl_ppo_diffusion.py --env-id HopperStand      # the paper's configuration: 60M + 60M + 30M + 30M steps
 
-Fixed against the authors' code (see README.md): everything ppo_continuous.py fixes; the encoder restarts at exactly
-N(0, I) (theirs was re-created from the seed); data collection keeps the time limit (theirs ran 9,600-step episodes);
-the final stage's unused collection and decoder fit are skipped; every random draw is seeded; the decoder trains only
-on the noise levels its sampler visits (theirs drew a level with alpha-bar exactly 1, an unlearnable target); stage 0's
-decoder is the identity exactly (theirs scaled the latent by 1.052).
+Fixed against the authors' code (docs/implementation_details.md says why): everything ppo_continuous.py fixes; the
+encoder restarts at exactly N(0, I) (theirs was re-created from the seed); data collection keeps the time limit (theirs
+ran 9,600-step episodes); the final stage's unused collection and decoder fit are skipped; every random draw is seeded;
+the decoder trains only on the noise levels its sampler visits (theirs drew a level with alpha-bar exactly 1, an
+unlearnable target); stage 0's decoder is the identity exactly (theirs scaled the latent by 1.052).
 
 Shapes in comments: B envs stepped in parallel, T steps per env in one rollout, U steps per sequence (the unroll),
 N sequences in a minibatch (or pairs in a decoder batch), O observation size, A action size (GoRL's latent has it
@@ -31,6 +31,7 @@ github.com/google-deepmind/mujoco_playground.
 import ctypes.util
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -85,7 +86,8 @@ class Args:
     run_dir: str = "runs"
     """the folder that receives one sub-folder per run"""
     save_model: bool = False
-    """save encoder, critic and decoder to `model.msgpack` in the run folder (at every evaluation)"""
+    """save the model (its networks and observation statistics) to `model.msgpack` in the run folder at every
+    evaluation"""
     resume: Optional[str] = None
     """continue the interrupted run in this run folder from its last checkpoint, exactly as if it had not stopped
     (every other option is the run's own, from its config.json)"""
@@ -412,9 +414,9 @@ def make_rollout(env, latent_policy, decoder_network, num_steps, episode_length)
         return carry, transitions, finished_returns
 
     def auto_reset(begin, env_state, key):
-        """Fresh start states for the envs whose episode begins (`begin`), so that every episode starts from a new random
-        state. They are made only in the steps where an episode begins (after the time limit, all envs at once): a reset
-        can cost many physics steps (CheetahRun's settles for 200)."""
+        """Fresh start states for the envs whose episode begins (`begin`), so that every episode starts from a new
+        random state. They are made only in the steps where an episode begins (after the time limit, all envs at once):
+        a reset can cost many physics steps (CheetahRun's settles for 200)."""
 
         def reset(env_state):
             reset_state = jax.vmap(env.reset)(jax.random.split(key, begin.shape[0]))
@@ -606,24 +608,27 @@ def diffusion_loss(decoder_network, params, obs, actions, noise, levels):
     return jnp.mean((decoder_network.apply(params, obs, x_k, levels / NUM_DIFFUSION_LEVELS) - noise) ** 2)
 
 
-def collect_decoder_data(
-    collect_rollout, policy_params, obs_stats, decoder, carry, key, num_rollouts, num_pairs, report
-):
-    """`num_pairs` (raw observation, pre-tanh action) pairs of the stochastic policy, each action with the observation
-    it was taken in, drawn without replacement from `num_rollouts` rollouts that continue the episodes of `carry`.
-    Returns the pairs ((N, O), (N, A)) and the carry after the rollouts."""
-    rollout_key, subsample_key = jax.random.split(key)
-    collected = []
-    for i in range(num_rollouts):
-        carry, transitions, _ = collect_rollout(
-            policy_params, obs_stats, decoder, carry, jax.random.fold_in(rollout_key, i)
-        )
-        collected.append((transitions.obs, transitions.action))
-        carry.steps.block_until_ready()
-        report(i + 1)
-    obs, actions = (jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in xs]) for xs in zip(*collected))
-    keep = jax.random.permutation(subsample_key, obs.shape[0])[:num_pairs]
-    return (obs[keep], actions[keep]), carry
+def make_decoder_data_collector(collect_rollout, args):
+    def collect_decoder_data(model, carry, key):
+        """`decoder_dataset_size` (raw observation, pre-tanh action) pairs of the model's stochastic policy, each action
+        with the observation it was taken in, drawn without replacement from `collection_rollouts` rollouts that
+        continue the episodes of `carry`. Returns the pairs ((N, O), (N, A)) and the carry after the rollouts."""
+        policy_params, obs_stats, decoder = model["params"]["latent_policy"], model["obs_stats"], model["decoder"]
+        rollout_key, subsample_key = jax.random.split(key)
+        print(f"  collecting {args.decoder_dataset_size:,} (state, action) pairs for the next decoder")
+        collected = []
+        for i in range(args.collection_rollouts):
+            carry, transitions, _ = collect_rollout(
+                policy_params, obs_stats, decoder, carry, jax.random.fold_in(rollout_key, i)
+            )
+            collected.append((transitions.obs, transitions.action))
+            carry.steps.block_until_ready()
+            print(f"  collected rollout {i + 1}/{args.collection_rollouts}")
+        obs, actions = (jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in xs]) for xs in zip(*collected))
+        keep = jax.random.permutation(subsample_key, obs.shape[0])[: args.decoder_dataset_size]
+        return (obs[keep], actions[keep]), carry
+
+    return collect_decoder_data
 
 
 def held_out_size(num_pairs):
@@ -696,7 +701,8 @@ def make_decoder_trainer(decoder_network, args):
             if epoch - best_epoch >= args.decoder_patience:
                 break
         fit = {
-            "decoder_validation_loss": best_loss,
+            # Measured on the parameters returned, not remembered: the held-out loss of the decoder that is kept.
+            "decoder_validation_loss": float(validation_loss(best_params, *validation, validation_key)),
             "decoder_epochs": epoch,
             "decoder_pairs_per_s": epoch * train[0].shape[0] / (time.time() - fit_start),
         }
@@ -710,9 +716,11 @@ def make_decoder_trainer(decoder_network, args):
 
 
 def make_evaluate(env, latent_policy, decoder_network, num_eval_envs, episode_length):
-    def evaluate(policy_params, obs_stats, decoder, key, deterministic):
-        """Raw returns in `num_eval_envs` fresh episodes of `episode_length` steps, without auto-reset, of the
-        deterministic policy (the latent policy's mean through the decoder) or of the stochastic one."""
+    def evaluate(model, key, deterministic):
+        """Raw returns in `num_eval_envs` fresh episodes of `episode_length` steps, without auto-reset, of the model's
+        deterministic policy (the latent policy's mean through the decoder) or of its stochastic one; and the first
+        episode."""
+        policy_params, obs_stats, decoder = model["params"]["latent_policy"], model["obs_stats"], model["decoder"]
         reset_key, latent_key = jax.random.split(key)
         env_state = jax.vmap(env.reset)(jax.random.split(reset_key, num_eval_envs))
 
@@ -739,8 +747,10 @@ def make_evaluate(env, latent_policy, decoder_network, num_eval_envs, episode_le
 
 def make_action_sampler(latent_policy, decoder_network):
     @jax.jit
-    def sample_actions(policy_params, obs_stats, decoder, obs, key):
-        """NUM_HISTOGRAM_ACTIONS env actions the stochastic policy takes in the state with raw observation obs (O,)."""
+    def sample_actions(model, obs, key):
+        """NUM_HISTOGRAM_ACTIONS env actions the model's stochastic policy takes in the state with raw observation obs
+        (O,)."""
+        policy_params, obs_stats, decoder = model["params"]["latent_policy"], model["obs_stats"], model["decoder"]
         obs = jnp.broadcast_to(obs, (NUM_HISTOGRAM_ACTIONS, obs.shape[-1]))
         mean, std = policy_distribution(latent_policy.apply(policy_params, normalize(obs_stats, obs)))
         latent = mean + std * jax.random.normal(key, mean.shape)
@@ -749,384 +759,101 @@ def make_action_sampler(latent_policy, decoder_network):
     return sample_actions
 
 
-def first_principal_component(actions):
-    """Project (N, A) actions onto their first principal axis."""
-    centered = actions - actions.mean(axis=0)
-    _, _, axes = np.linalg.svd(centered, full_matrices=False)
-    return centered @ axes[0]
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# GoRL's stage change: collect, fit the decoder, restart the encoder at the prior
+# GoRL's stage change: the finished stage's best encoder collects the data, the decoder is fitted to it, the encoder
+# restarts at the prior
 
 
-def make_stage_change(collect_rollout, train_decoder, evaluate, optimizer, args):
-    def next_stage(state, decoder, encoder, prior, key, report_rollout, report_epoch):
-        """The change from one encoder stage to the next (GoRL Sec. 3.2, Algorithm 1). `encoder` (the finished stage's
-        best or final latent policy, with its observation statistics) acts through the current `decoder`; a new
-        decoder is fitted to carry the N(0, I) prior to the actions it took; the encoder restarts at the prior
-        (`prior`: its parameters; GoRL Eq. 2). Returns the new training state and decoder, and the change's figures:
-        the stochastic return of the distilled policy and of the restarted one on the same episodes (the behavioural
-        warm start), and the decoder fit's; and the first of those episodes under each policy, for --capture-video."""
-        collect_key, fit_key, warm_start_key = jax.random.split(key, 3)
-        before, before_episode = evaluate(
-            encoder["latent_policy"], encoder["obs_stats"], decoder, warm_start_key, False
-        )
-        dataset, carry = collect_decoder_data(
-            collect_rollout,
-            encoder["latent_policy"],
-            encoder["obs_stats"],
-            decoder,
-            state.rollout_carry,
-            collect_key,
-            args.collection_rollouts,
-            args.decoder_dataset_size,
-            report_rollout,
-        )
-        decoder, fit = train_decoder(*dataset, fit_key, report_epoch)
-        # A fresh optimiser for the restarted encoder; the critic and the observation statistics carry over, since the
-        # warm-started policy behaves like the one they were fitted to.
-        params = {**state.params, "latent_policy": prior}
-        state = TrainState(params, optimizer.init(params), state.obs_stats, carry, state.key)
-        after, after_episode = evaluate(prior, state.obs_stats, decoder, warm_start_key, False)
-        change = {"stochastic_return_before": float(np.mean(before)), "warm_start_return": float(np.mean(after))}
-        return state, decoder, {**change, **fit}, (before_episode, after_episode)
-
-    return next_stage
+def model_of(state, decoder):
+    """The model of a training state acting through `decoder`: what the evaluation takes and --save-model saves."""
+    return {"params": state.params, "obs_stats": state.obs_stats, "decoder": decoder}
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Videos: the episodes the evaluation ran, drawn by MuJoCo's renderer (word for word the same in every script)
+def restart_encoder(state, prior, carry, optimizer):
+    """The next stage's training state: the encoder at the prior (`prior`: its parameters; GoRL Eq. 2) with a fresh
+    optimiser. The critic and the observation statistics carry over, since the warm-started policy behaves like the one
+    they were fitted to; the envs go on from `carry`, where the data collection left them."""
+    params = {**state.params, "latent_policy": prior}
+    return TrainState(params, optimizer.init(params), state.obs_stats, carry, state.key)
 
 
-def first_env_pose(env_state):
-    """What it takes to draw the first env: its joint positions and the poses of its mocap bodies."""
-    return env_state.data.qpos[0], env_state.data.mocap_pos[0], env_state.data.mocap_quat[0]
+class StageLog:
+    """GoRL's record of its stages, checkpointed with the run: each stage's figures, and the candidate for the next
+    decoder's data (the stage's best evaluated model by deterministic return, ties to the later; with
+    --decoder-data-policy final, its last)."""
 
+    def __init__(self, args, run, model, sample_actions, env, histogram_key):
+        self.args, self.run, self.sample_actions, self.histogram_key = args, run, sample_actions, histogram_key
+        # The Figure-7 histograms' state, the same at every stage's end: a start state of its own, made meanwhile.
+        self.histogram_obs = run.workers.submit(lambda: env.reset(histogram_key).obs)
+        self.records, self.distilled = run.progress.get("records", [{"stage": 0}]), run.progress.get("distilled")
+        self.candidate = model
+        if not args.resume:  # stage 0's evaluation at its first step is a candidate too, as in the authors' loop
+            self.consider(0, run.eval_rows[-1][1], model)
+            run.log_scalars("stage", {"index": 0, **stage_settings(args, 0)._asdict()})
 
-def open_renderer(env, args):
-    """MuJoCo's off-screen renderer for --capture-video; exit with one line, before anything is written or compiled,
-    where there is no OpenGL to render with."""
-    visual = env.mj_model.vis.global_
-    visual.offwidth, visual.offheight = max(visual.offwidth, args.video_width), max(visual.offheight, args.video_height)
-    try:
-        return mujoco.Renderer(env.mj_model, args.video_height, args.video_width)
-    except Exception as error:  # each backend fails its own way (FatalError, AttributeError, ImportError)
-        sys.exit(
-            f"error: --capture-video: MuJoCo cannot render with MUJOCO_GL={os.environ.get('MUJOCO_GL', '')!r} "
-            f"({type(error).__name__}: {error}); set MUJOCO_GL=egl (on a machine without a GPU, with "
-            "EGL_PLATFORM=surfaceless LIBGL_ALWAYS_SOFTWARE=1) or MUJOCO_GL=osmesa"
-        )
+    def consider(self, iteration, eval_return, model):
+        """Keep the model just evaluated as the candidate if it is the stage's best so far (or with
+        --decoder-data-policy final, its last); copied, since the next iteration overwrites the training state."""
+        best = self.distilled is None or eval_return >= self.distilled["eval_return"]
+        if best or self.args.decoder_data_policy == "final":
+            self.distilled = {"iteration": iteration, "env_steps": self.run.env_steps, "eval_return": eval_return}
+            self.candidate = jax.tree.map(jnp.copy, model)
 
+    def progress(self):
+        return {"records": self.records, "distilled": self.distilled}
 
-def render_episode(renderer, env, episode, stride):
-    """Frames (F, H, W, 3) of an episode the jitted evaluation ran, from every `stride`-th pose of `episode` (tuples of
-    first_env_pose, stacked over time: nothing is simulated again), seen by the model's first camera (in the DeepMind
-    Control Suite, the one that follows the body), and their frame rate in real time."""
-    model, data = env.mj_model, mujoco.MjData(env.mj_model)
-    frames = []
-    for qpos, mocap_pos, mocap_quat in zip(*(np.asarray(x)[::stride] for x in episode)):
-        data.qpos, data.mocap_pos, data.mocap_quat = qpos, mocap_pos, mocap_quat
-        mujoco.mj_forward(model, data)
-        renderer.update_scene(data, camera=0 if model.ncam else -1)
-        frames.append(renderer.render())
-    return np.stack(frames), 1.0 / (env.dt * stride)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The run: files, checkpoints and the loop over training iterations (word for word the same in every script)
-
-
-def write_atomic(path, data):
-    """Replace the file `path` with `data` (text or bytes) in one step: a crash leaves the old file or the new one."""
-    with open(path + ".tmp", "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
-    os.replace(path + ".tmp", path)
-
-
-def is_key(x):
-    return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def save_arrays(path, header, tree):
-    """One msgpack file: a JSON header and every array of `tree`, named by its place in the tree (keys as raw data)."""
-    arrays = {
-        jax.tree_util.keystr(place): np.asarray(jax.random.key_data(x) if is_key(x) else x)
-        for place, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-    }
-    write_atomic(path, flax.serialization.msgpack_serialize({"header": json.dumps(header), "arrays": arrays}))
-
-
-def read_arrays(path, option, env_id, kind):
-    """The header and arrays of a file save_arrays wrote for this script and task; exits with one line if it is not."""
-    try:
-        with open(path, "rb") as f:
-            saved = flax.serialization.msgpack_restore(f.read())
-        header, arrays = json.loads(saved["header"]), saved["arrays"]
-    except FileNotFoundError:
-        sys.exit(f"error: {option} {path}: no such file")
-    except Exception as e:
-        sys.exit(f"error: {option} {path} is not a readable {kind} file ({type(e).__name__}: {e})")
-    if (header.get("algo"), header.get("env_id"), header.get("kind")) != (ALGO, env_id, kind):
-        sys.exit(
-            f"error: {option} {path} holds a {header.get('algo')} {header.get('kind')} for {header.get('env_id')}, "
-            f"not a {ALGO} {kind} for {env_id}"
-        )
-    return header, arrays
-
-
-def restore_arrays(arrays, target, option):
-    """A tree shaped like `target` with the saved arrays; exits with one line if they do not fit its shapes."""
-    leaves = []
-    places, structure = jax.tree_util.tree_flatten_with_path(target)
-    for place, x in places:
-        name, expected = jax.tree_util.keystr(place), jax.random.key_data(x) if is_key(x) else x
-        saved = arrays.get(name)
-        if saved is None or saved.shape != expected.shape or saved.dtype != expected.dtype:
-            sys.exit(f"error: {option} does not match the networks and sizes of this configuration (at {name})")
-        leaves.append(jax.random.wrap_key_data(saved) if is_key(x) else jnp.asarray(saved))
-    return jax.tree.unflatten(structure, leaves)
-
-
-def save_model(path, args, env_steps, model):
-    save_arrays(path, {"algo": ALGO, "env_id": args.env_id, "kind": "model", "env_steps": env_steps}, model)
-
-
-def load_model(path, args, model):
-    """(env_steps, model) from a file of --save-model, shaped like `model`; exits with one line if it does not fit."""
-    header, arrays = read_arrays(path, "--load-model", args.env_id, "model")
-    return header["env_steps"], restore_arrays(arrays, model, f"--load-model {path}")
-
-
-def read_checkpoint(run_path):
-    """The arguments of the interrupted run in `run_path` (its config.json) and its checkpoint (progress, arrays);
-    exits with one line if there is nothing of this script's there to continue."""
-    if os.path.exists(os.path.join(run_path, "summary.json")):
-        sys.exit(f"error: --resume {run_path}: that run has finished (it wrote summary.json); nothing to continue")
-    try:
-        with open(os.path.join(run_path, "config.json")) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: --resume {run_path}: not a run folder with a readable config.json ({e})")
-    saved = {f.name: config[f.name] for f in fields(Args) if f.init and f.name in config}
-    args = Args(**{name: tuple(value) if isinstance(value, list) else value for name, value in saved.items()})
-    args.resume, args.load_model = run_path, None  # the checkpoint holds whatever the run had loaded
-    header, arrays = read_arrays(os.path.join(run_path, "checkpoint.msgpack"), "--resume", args.env_id, "checkpoint")
-    return args, (header["progress"], arrays)
-
-
-def run_metadata():
-    versions = {
-        p: metadata.version(p) for p in ("jax", "jaxlib", "flax", "optax", "mujoco", "mujoco-mjx", "playground")
-    }
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {"versions": versions, "git_commit": commit}
-
-
-class Run:
-    """The host side of a run: its folder (config.json, eval.csv, TensorBoard, model.msgpack, checkpoint.msgpack,
-    summary.json), the loop over training iterations, and the signals that stop it with a checkpoint."""
-
-    def __init__(self, args, start_steps, checkpoint):
-        """A new run folder, or with `checkpoint` (from read_checkpoint) the interrupted run's, continued."""
-        self.args, self.start_time, self.compile_time, self.stop_signal = args, time.time(), 0.0, None
-        self.progress = checkpoint[0] if checkpoint else {}
-        self.env_steps = self.progress.get("env_steps", start_steps)
-        self.start_steps = self.progress.get("start_steps", start_steps)
-        self.train_time = self.progress.get("train_time", 0.0)
-        self.previous_time = self.progress.get("elapsed", 0.0)
-        self.eval_rows = self.progress.get("eval_rows", [])
-        run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        self.path = args.resume or os.path.join(args.run_dir, run_name)
-        if not args.resume:
-            try:
-                os.makedirs(self.path)
-            except OSError as e:
-                sys.exit(f"error: cannot make the run folder {self.path} ({e.strerror}); nothing was written")
-            write_atomic(
-                os.path.join(self.path, "config.json"), json.dumps({**asdict(args), **run_metadata()}, indent=2)
-            )
-        if args.track:
-            import wandb
-
-            wandb.init(
-                project=args.wandb_project_name,
-                entity=args.wandb_entity,
-                name=os.path.basename(self.path),
-                id=os.path.basename(self.path),
-                resume="allow",
-                config=asdict(args),
-                sync_tensorboard=True,
-                save_code=True,
-            )
-        # A resumed run hides what the interrupted one logged after its checkpoint, so no step is shown twice.
-        self.writer = SummaryWriter(self.path, purge_step=self.env_steps + 1 if args.resume else None)
-        if not args.resume:
-            self.writer.add_text(
-                "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-            )
-        self.checkpoint_time = time.time()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self.request_stop)
-        print(f"run folder: {self.path}" + (f" (resumed at env step {self.env_steps:,})" if args.resume else ""))
-
-    def request_stop(self, signum, frame):
-        """The first SIGTERM or SIGINT stops the run at the end of the iteration, with a checkpoint; a second ends the
-        process at once."""
-        self.stop_signal = signum
-        for other in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(other, signal.SIG_DFL)
-
-    def stop_if_requested(self):
-        if self.stop_signal is not None:
-            self.writer.close()
-            print(
-                f"stopped by {signal.Signals(self.stop_signal).name} at env step {self.env_steps:,}; continue with: "
-                f"python {sys.argv[0]} --resume {self.path}"
-            )
-            sys.exit(128 + self.stop_signal)
-
-    def log_evaluation(self, returns, model):
-        """Log the returns (one array per mode of EVAL_MODES) of `model` evaluated at this env step."""
-        self.eval_rows.append((self.env_steps, *(float(f(r)) for r in returns for f in (np.mean, np.std))))
-        self.writer.add_scalar("eval/episodic_return", returns[0].mean(), self.env_steps)
-        self.writer.add_scalar("eval/episodic_return_std", returns[0].std(), self.env_steps)
-        self.writer.add_scalar(f"eval/{EVAL_MODES[1]}_episodic_return", returns[1].mean(), self.env_steps)
-        write_atomic(
-            os.path.join(self.path, "eval.csv"),
-            f"env_steps,eval_return_mean,eval_return_std,{EVAL_MODES[1]}_return_mean,{EVAL_MODES[1]}_return_std\n"
-            + "".join(f"{row[0]}," + ",".join(f"{x:.4f}" for x in row[1:]) + "\n" for row in self.eval_rows),
-        )
-        if self.args.save_model:
-            save_model(os.path.join(self.path, "model.msgpack"), self.args, self.env_steps, model)
-        sps = (self.env_steps - self.start_steps) / self.train_time if self.train_time > 0 else 0.0
-        elapsed = time.strftime("%H:%M:%S", time.gmtime(self.previous_time + time.time() - self.start_time))
+    def report_decoder_epoch(self, stage, epoch, train_loss, validation_loss, improved):
+        step = (stage - 1) * self.args.decoder_epochs + epoch
+        self.run.writer.add_scalar("decoder/train_loss", train_loss, step)
+        self.run.writer.add_scalar("decoder/validation_loss", validation_loss, step)
         print(
-            f"eval  step {self.env_steps:>12,} | return {returns[0].mean():8.2f} +- {returns[0].std():7.2f} | "
-            f"{EVAL_MODES[1]} {returns[1].mean():8.2f} | SPS {sps:9,.0f} | {elapsed}"
+            f"  decoder epoch {epoch:>3}/{self.args.decoder_epochs} | train loss {train_loss:.5f} | held-out loss "
+            f"{validation_loss:.5f}{' (best)' if improved else ''}"
         )
+        self.run.stop_if_requested()  # the last checkpoint is at the finished stage's end: a resumed run redoes this
 
-    def log_video(self, frames, fps, suffix=""):
-        """Save rendered frames (F, H, W, 3) as videos/{env steps}{suffix}.mp4 in the run folder, and a preview (every
-        fourth frame at half the size: TensorBoard stores videos as GIFs, 10 MB for a whole 320 x 240 episode) to
-        TensorBoard."""
-        os.makedirs(os.path.join(self.path, "videos"), exist_ok=True)
-        path = os.path.join(self.path, "videos", f"{self.env_steps}{suffix}.mp4")
-        video = imageio_ffmpeg.write_frames(path + ".part.mp4", frames.shape[2:0:-1], fps=fps, macro_block_size=2)
-        video.send(None)
-        for frame in frames:
-            video.send(np.ascontiguousarray(frame))
-        video.close()
-        os.replace(path + ".part.mp4", path)
-        preview = frames[None, ::4, ::2, ::2].transpose(0, 1, 4, 2, 3)  # (1, F / 4, 3, H / 2, W / 2)
-        self.writer.add_video(f"videos/evaluation{suffix}", preview, self.env_steps, fps / 4)
-
-    def checkpoint(self, progress, tree):
-        """Replace the run's checkpoint with everything --resume needs to continue exactly from here."""
-        progress = {
-            **progress,
-            "env_steps": self.env_steps,
-            "start_steps": self.start_steps,
-            "train_time": self.train_time,
-            "elapsed": self.previous_time + time.time() - self.start_time,
-            "eval_rows": self.eval_rows,
-        }
-        header = {"algo": ALGO, "env_id": self.args.env_id, "kind": "checkpoint", "progress": progress}
-        save_arrays(os.path.join(self.path, "checkpoint.msgpack"), header, tree)
-        self.checkpoint_time = time.time()
-
-    def train(self, train_iteration, state, iterations, evaluate, resume_point, label=""):
-        """Run the training iterations `iterations` (a range, numbered within the stage): evaluate each time training
-        crosses a multiple of --eval-interval and after the last, and checkpoint at every evaluation, every
-        --checkpoint-interval minutes and on a stop signal (then stop). `evaluate(iteration, state)` and
-        `resume_point(iteration, state) -> (progress, arrays)` are the script's."""
-        args, steps_per_iteration = self.args, self.args.num_envs * self.args.rollout_length
-        for iteration in iterations:
-            iteration_start = time.time()
-            state, metrics = train_iteration(state)
-            metrics = jax.device_get(metrics)  # the one host sync of the iteration
-            iteration_time = time.time() - iteration_start
-            self.train_time += iteration_time
-            self.env_steps += steps_per_iteration
-            if not metrics["finite"]:
-                self.writer.close()
-                sys.exit(
-                    f"error: non-finite loss or parameters at {label}iteration {iteration} (env step "
-                    f"{self.env_steps:,}); training stopped, the logs and the last saved model in {self.path} are kept"
-                )
-            for name, value in metrics.items():
-                if name not in ("finite", "train_episode_return"):
-                    self.writer.add_scalar(f"losses/{name}", value, self.env_steps)
-            if np.isfinite(metrics["train_episode_return"]):
-                self.writer.add_scalar("charts/episodic_return", metrics["train_episode_return"], self.env_steps)
-            self.writer.add_scalar("charts/SPS", steps_per_iteration / iteration_time, self.env_steps)
-            print(
-                f"{label}iter {iteration:>4}/{iterations[-1]} | step {self.env_steps:>12,} | loss "
-                f"{metrics['loss']:8.4f} | SPS {steps_per_iteration / iteration_time:9,.0f}"
-            )
-            crossed = (
-                self.env_steps // args.eval_interval > (self.env_steps - steps_per_iteration) // args.eval_interval
-            )
-            if iteration == iterations[-1] or crossed:
-                evaluate(iteration, state)
-                self.checkpoint(*resume_point(iteration, state))
-            elif self.stop_signal is not None or time.time() - self.checkpoint_time > 60 * args.checkpoint_interval:
-                self.checkpoint(*resume_point(iteration, state))
-            self.stop_if_requested()
-        return state
-
-    def finish(self, summary):
-        """Write summary.json: the final evaluation's figures, the run's clocks and the script's own `summary`."""
-        final_steps, final_mean, final_std, other_mean, other_std = self.eval_rows[-1]
-        summary = {
-            "env_id": self.args.env_id,
-            "algo": ALGO,
-            "seed": self.args.seed,
-            "env_steps": final_steps,
-            "eval_mode": EVAL_MODES[0],
-            "final_eval_return": final_mean,
-            "final_eval_return_std": final_std,
-            "best_eval_return": max(row[1] for row in self.eval_rows),
-            f"final_{EVAL_MODES[1]}_eval_return": other_mean,
-            f"final_{EVAL_MODES[1]}_eval_return_std": other_std,
-            "wall_time_s": self.previous_time + time.time() - self.start_time,
-            "compile_time_s": self.compile_time,
-            "train_sps": (final_steps - self.start_steps) / self.train_time if self.train_time > 0 else 0.0,
-            **summary,
-        }
-        write_atomic(os.path.join(self.path, "summary.json"), json.dumps(summary, indent=2))
-        self.writer.close()
-        print(f"final return {final_mean:.2f} +- {final_std:.2f}; results in {self.path}")
-
-
-def check_run_args(args):
-    """The options every script shares: exit with one line naming the problem, before anything is written."""
-    if args.checkpoint_interval <= 0:
-        sys.exit(f"error: --checkpoint-interval must be positive, got {args.checkpoint_interval}")
-    if min(args.video_width, args.video_height) <= 0 or (args.video_width | args.video_height) % 2:
-        sys.exit(
-            f"error: --video-width and --video-height must be positive and even, got {args.video_width} x "
-            f"{args.video_height}"
+    def log_change(self, stage, restarted, fit, key, start_time):
+        """Log the change to `stage`: the model the decoder was fitted to, the fit, and the behavioural warm start (the
+        distilled model's stochastic return and the restarted one's, on the same episodes and noise; with
+        --capture-video, their first episodes side by side). The new stage has no candidate yet."""
+        (before, before_episode), (after, after_episode) = (
+            self.run.evaluate_compiled(model, key, False) for model in (self.candidate, restarted)
         )
-    if args.video_frame_stride <= 0:
-        sys.exit(f"error: --video-frame-stride must be positive, got {args.video_frame_stride}")
-    if args.load_model is not None and not os.path.isfile(args.load_model):
-        sys.exit(f"error: --load-model {args.load_model}: no such file")
-    if not args.resume:
-        existing = os.path.abspath(args.run_dir)
-        while not os.path.exists(existing):
-            existing = os.path.dirname(existing)
-        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-            sys.exit(f"error: --run-dir {args.run_dir}: cannot write there ({existing} is not a writable folder)")
+        change = {
+            **{f"distilled_{name}": value for name, value in self.distilled.items()},
+            "stochastic_return_before": float(np.mean(before)),
+            "warm_start_return": float(np.mean(after)),
+            **fit,
+            "collection_env_steps": self.args.collection_rollouts * self.args.num_envs * self.args.rollout_length,
+            "transition_time_s": time.time() - start_time,
+        }
+        self.records.append({"stage": stage, **change})
+        totals = {"dataset_size": self.args.decoder_dataset_size, "total_collection_env_steps": self.collected()}
+        self.run.log_scalars(
+            "stage", {"index": stage, **stage_settings(self.args, stage)._asdict(), **change, **totals}
+        )
+        print(
+            f"stage {stage}: warm start: stochastic return {change['stochastic_return_before']:.2f} before the "
+            f"restart, {change['warm_start_return']:.2f} after; decoder fitted to the stage-{stage - 1} encoder of "
+            f"iteration {self.distilled['iteration']} (return {self.distilled['eval_return']:.2f}), held-out loss "
+            f"{fit['decoder_validation_loss']:.5f}; transition {change['transition_time_s']:.1f} s"
+        )
+        self.run.log_video([before_episode, after_episode], "_stage_change")  # the distilled left, the restarted right
+        self.distilled = None
+
+    def end(self, stage, model):
+        """At a stage's end: the Figure-7 histogram (the first principal component of 10,000 actions the stochastic
+        policy takes at one fixed state) and the stage's record."""
+        actions = self.sample_actions(model, self.histogram_obs.result(), jax.random.fold_in(self.histogram_key, stage))
+        centered = np.asarray(actions) - np.mean(actions, axis=0)
+        first_axis = np.linalg.svd(centered, full_matrices=False)[2][0]
+        projected = centered @ first_axis
+        self.run.writer.add_histogram("stage/action_first_principal_component", projected, self.run.env_steps)
+        self.records[-1].update(env_steps=self.run.env_steps, final_eval_return=self.run.eval_rows[-1][1])
+
+    def collected(self):
+        return sum(record.get("collection_env_steps", 0) for record in self.records)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1191,205 +918,516 @@ def check_args(args):
 def main(args):
     args, checkpoint = read_checkpoint(args.resume) if args.resume else (args, None)
     check_args(args)
-    # MJX programs take tens of seconds to compile: later runs load them from the cache instead, the small programs too
-    # (JAX keeps only those that took a second; dozens of small ones take seconds together).
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compilation_cache_dir) or None)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    key = jax.random.key(args.seed)
-    network_key, eval_key, train_key, decoder_key, histogram_key = jax.random.split(key, 5)
+    use_compilation_cache(args.compilation_cache_dir)
+    network_key, eval_key, train_key, decoder_key, histogram_key = jax.random.split(jax.random.key(args.seed), 5)
     env, episode_length = make_env(args.env_id, args.impl)
-    renderer = open_renderer(env, args) if args.capture_video else None
+    renderer = open_renderer(env, args)
     (latent_policy, critic, decoder_network), params = make_networks(env, network_key)
     decoder = identity_decoder(decoder_network, decoder_key, env.observation_size, env.action_size)
     model = {"params": params, "obs_stats": init_running_stats(env.observation_size), "decoder": decoder}
-    start_steps = 0
-    if args.load_model:
-        start_steps, model = load_model(args.load_model, args, model)
+    model, start_steps = load_model(args.load_model, args, model) if args.load_model else (model, 0)
     optimizer = optax.adam(args.learning_rate)
     init_rollout, rollout = make_rollout(env, latent_policy, decoder_network, args.rollout_length, episode_length)
     update = make_update(latent_policy, critic, optimizer, args)
     evaluate = make_evaluate(env, latent_policy, decoder_network, args.num_eval_envs, episode_length)
     train_decoder = make_decoder_trainer(decoder_network, args)
-    sample_actions = make_action_sampler(latent_policy, decoder_network)
-    run = Run(args, start_steps, checkpoint)
+    run = Run(args, env, renderer, start_steps, checkpoint)
+    steps_per_iteration, stage_sizes = args.num_envs * args.rollout_length, ", ".join(map(str, args.stage_iterations))
+    print(f"{args.env_id} ({args.impl}): stages of {stage_sizes} iterations x {steps_per_iteration:,} env steps")
 
-    steps_per_iteration = args.num_envs * args.rollout_length
-    print(
-        f"{args.env_id} ({args.impl}): stages of {', '.join(map(str, args.stage_iterations))} iterations x "
-        f"{steps_per_iteration:,} env steps; compiling..."
+    # The model is evaluated at the first step as soon as the evaluation has compiled, while training compiles.
+    run.start_evaluations(evaluate, model, eval_key)
+    if sum(args.stage_iterations) == 0:  # --stage-timesteps 0: the model is only evaluated
+        run.finish({"collection_env_steps": 0, "stages": []})
+        return
+    opt_state = optimizer.init(model["params"])
+    state = TrainState(model["params"], opt_state, model["obs_stats"], init_rollout(args.num_envs), train_key)
+    train_iteration = run.compile_training(
+        make_train_iteration(rollout, update), state, model["decoder"], stage_settings(args, 0)
     )
-    compile_start = time.time()
-    # XLA compiles a program on about one core: each one compiles in a thread of its own while the next is traced, and
-    # the evaluation at step 0 runs as soon as its program is ready, while the training iteration is traced and compiled.
-    compiler = ThreadPoolExecutor()
-    policy_params, obs_stats, decoder = model["params"]["latent_policy"], model["obs_stats"], model["decoder"]
-    evaluate_program = compiler.submit(
-        jax.jit(evaluate).lower(policy_params, obs_stats, decoder, eval_key, True).compile
-    )
+    if len(args.stage_iterations) > 1:  # needed from the first stage change on: compiled while stage 0 trains
+        policy_inputs = (model["params"]["latent_policy"], model["obs_stats"], model["decoder"])
+        collect_rollout = run.compile_in_background(rollout, *policy_inputs, state.rollout_carry, train_key)
+        collect_decoder_data = make_decoder_data_collector(collect_rollout, args)
+    stages = StageLog(args, run, model, make_action_sampler(latent_policy, decoder_network), env, histogram_key)
+    state, decoder, stages.candidate = run.resume((state, model["decoder"], stages.candidate), **stages.progress())
 
-    def evaluate_model(model, env_steps):
-        """The returns of `model` in both modes of EVAL_MODES, and its first episode in the first mode."""
-        # New start states at every evaluation, from a key of its env step; both modes on the same ones (paired).
-        key = jax.random.fold_in(eval_key, env_steps)
-        policy_params, obs_stats, decoder = model["params"]["latent_policy"], model["obs_stats"], model["decoder"]
-        evaluate = evaluate_program.result()
-        returns, episodes = zip(
-            *(evaluate(policy_params, obs_stats, decoder, key, mode == "deterministic") for mode in EVAL_MODES)
+    first_stage = run.progress.get("stage") or 0  # a resumed run goes on in the stage of its checkpoint
+    for stage in range(first_stage, len(args.stage_iterations)):
+        if stage > first_stage:
+            # Algorithm 1 between stages: the finished stage's best encoder, acting through its decoder, collects the
+            # next decoder's data; the new decoder learns to carry samples of the N(0, I) prior to those actions; the
+            # encoder restarts at the prior and, through the new decoder, acts as the distilled one did.
+            change_start = time.time()
+            collect_key, fit_key, warm_start_key = jax.random.split(jax.random.fold_in(decoder_key, stage), 3)
+            (obs, actions), carry = collect_decoder_data(stages.candidate, state.rollout_carry, collect_key)
+            decoder, fit = train_decoder(obs, actions, fit_key, partial(stages.report_decoder_epoch, stage))
+            prior = prior_params(latent_policy, jax.random.fold_in(network_key, stage), env.observation_size)
+            state = restart_encoder(state, prior, carry, optimizer)
+            stages.log_change(stage, model_of(state, decoder), fit, warm_start_key, change_start)
+        settings = stage_settings(args, stage)
+        for iteration in run.iterations(args.stage_iterations[stage], stage):
+            state, metrics = train_iteration(state, decoder, settings)  # a rollout, then update_epochs passes over it
+            run.log_iteration(metrics)
+            if run.evaluation_due():
+                evaluated = model_of(state, decoder)
+                stages.consider(iteration, run.evaluate(evaluated), evaluated)
+            run.checkpoint_if_due((state, decoder, stages.candidate), **stages.progress())
+        stages.end(stage, model_of(state, decoder))
+    run.finish({"collection_env_steps": stages.collected(), "stages": stages.records})
+
+
+# =====================================================================================================================
+# Appendix: the run's plumbing. Nothing below is the algorithm: the run folder and its logs, model and checkpoint files,
+# resume, stop signals, videos, compilation in threads and the checks of the run options. It is word for word the same
+# in every script (tests/test_shared_text.py holds it so); a reader of the method can stop at the end of main.
+# =====================================================================================================================
+
+
+def use_compilation_cache(cache_dir):
+    """MJX programs take tens of seconds to compile: later runs load them from the cache in `cache_dir` ("": none)
+    instead, the small programs too (JAX keeps only those that took a second; dozens of small ones take seconds)."""
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache_dir) or None)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def check_run_args(args):
+    """The options every script shares: exit with one line naming the problem, before anything is written."""
+    if args.checkpoint_interval <= 0:
+        sys.exit(f"error: --checkpoint-interval must be positive, got {args.checkpoint_interval}")
+    if min(args.video_width, args.video_height) <= 0 or (args.video_width | args.video_height) % 2:
+        sys.exit(
+            f"error: --video-width and --video-height must be positive and even, got {args.video_width} x "
+            f"{args.video_height}"
         )
-        return [np.asarray(r) for r in returns], episodes[0]
+    if args.video_frame_stride <= 0:
+        sys.exit(f"error: --video-frame-stride must be positive, got {args.video_frame_stride}")
+    if args.load_model is not None and not os.path.isfile(args.load_model):
+        sys.exit(f"error: --load-model {args.load_model}: no such file")
+    if not args.resume:
+        existing = os.path.abspath(args.run_dir)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+            sys.exit(f"error: --run-dir {args.run_dir}: cannot write there ({existing} is not a writable folder)")
 
-    first_evaluation = None if checkpoint else compiler.submit(evaluate_model, model, run.env_steps)
-    if sum(args.stage_iterations) > 0:
-        state = TrainState(
-            model["params"], optimizer.init(model["params"]), obs_stats, init_rollout(args.num_envs), train_key
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Files: written atomically, models and checkpoints as flax msgpack (never pickle)
+
+
+def write_atomic(path, data):
+    """Replace the file `path` with `data` (text or bytes) in one step: a crash leaves the old file or the new one."""
+    with open(path + ".tmp", "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def is_key(x):
+    return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def save_arrays(path, header, tree):
+    """One msgpack file: a JSON header and every array of `tree`, named by its place in the tree (keys as raw data)."""
+    arrays = {
+        jax.tree_util.keystr(place): np.asarray(jax.random.key_data(x) if is_key(x) else x)
+        for place, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+    write_atomic(path, flax.serialization.msgpack_serialize({"header": json.dumps(header), "arrays": arrays}))
+
+
+def read_arrays(path, option, env_id, kind):
+    """The header and arrays of a file save_arrays wrote for this script and task; exits with one line if it is not."""
+    try:
+        with open(path, "rb") as f:
+            saved = flax.serialization.msgpack_restore(f.read())
+        header, arrays = json.loads(saved["header"]), saved["arrays"]
+    except FileNotFoundError:
+        sys.exit(f"error: {option} {path}: no such file")
+    except Exception as e:
+        sys.exit(f"error: {option} {path} is not a readable {kind} file ({type(e).__name__}: {e})")
+    if (header.get("algo"), header.get("env_id"), header.get("kind")) != (ALGO, env_id, kind):
+        sys.exit(
+            f"error: {option} {path} holds a {header.get('algo')} {header.get('kind')} for {header.get('env_id')}, "
+            f"not a {ALGO} {kind} for {env_id}"
         )
-        train_iteration = jax.jit(make_train_iteration(rollout, update), donate_argnums=0)
-        train_program = compiler.submit(train_iteration.lower(state, decoder, stage_settings(args, 0)).compile)
+    return header, arrays
 
-    def log_evaluation(model, returns, episode):
-        run.log_evaluation(returns, model)
-        if args.capture_video:
-            run.log_video(*render_episode(renderer, env, episode, args.video_frame_stride))
 
-    # Where the stage loop stands, checkpointed whole: the stage, its record, and its final and best evaluated encoders
-    # (the candidates for the next decoder's data), whose parameters are in `encoders`.
-    progress = {"stage": 0, "iteration": 0, "collection_steps": 0, "records": [], "record": {"stage": 0}, "best": None}
-    encoders = {}
+def restore_arrays(arrays, target, option):
+    """A tree shaped like `target` with the saved arrays; exits with one line if they do not fit its shapes."""
+    leaves = []
+    places, structure = jax.tree_util.tree_flatten_with_path(target)
+    for place, x in places:
+        name, expected = jax.tree_util.keystr(place), jax.random.key_data(x) if is_key(x) else x
+        saved = arrays.get(name)
+        if saved is None or saved.shape != expected.shape or saved.dtype != expected.dtype:
+            sys.exit(f"error: {option} does not match the networks and sizes of this configuration (at {name})")
+        leaves.append(jax.random.wrap_key_data(saved) if is_key(x) else jnp.asarray(saved))
+    return jax.tree.unflatten(structure, leaves)
 
-    def keep_encoder(iteration, state):
-        """Note the encoder just evaluated as the stage's final one and, if no worse, its best (ties to the later);
-        copied, since the next training iteration overwrites the state's buffers."""
-        encoder = jax.tree.map(jnp.copy, {"latent_policy": state.params["latent_policy"], "obs_stats": state.obs_stats})
-        progress["final"] = {"iteration": iteration, "env_steps": run.env_steps, "eval_return": run.eval_rows[-1][1]}
-        encoders["final"] = encoder
-        if progress["best"] is None or progress["final"]["eval_return"] >= progress["best"]["eval_return"]:
-            progress["best"], encoders["best"] = progress["final"], encoder
 
-    def on_evaluation(iteration, state):
-        model = {"params": state.params, "obs_stats": state.obs_stats, "decoder": decoder}
-        log_evaluation(model, *evaluate_model(model, run.env_steps))
-        keep_encoder(iteration, state)
+def save_model(path, args, env_steps, model):
+    save_arrays(path, {"algo": ALGO, "env_id": args.env_id, "kind": "model", "env_steps": env_steps}, model)
 
-    def resume_point(iteration, state):
-        # Before the stage's first evaluation there is no best encoder yet: the final one keeps its place in the file.
-        best = encoders["best"] if progress["best"] else encoders["final"]
-        return {**progress, "iteration": iteration}, {
-            "state": state,
-            "decoder": decoder,
-            "best": best,
-            "final": encoders["final"],
-        }
 
-    def report_decoder_epoch(stage, epoch, train_loss, validation_loss, improved):
-        step = (stage - 1) * args.decoder_epochs + epoch
-        run.writer.add_scalar("decoder/train_loss", train_loss, step)
-        run.writer.add_scalar("decoder/validation_loss", validation_loss, step)
+def load_model(path, args, model):
+    """(model, env_steps) from a file of --save-model, shaped like `model`; exits with one line if it does not fit."""
+    header, arrays = read_arrays(path, "--load-model", args.env_id, "model")
+    return restore_arrays(arrays, model, f"--load-model {path}"), header["env_steps"]
+
+
+def read_checkpoint(run_path):
+    """The arguments of the interrupted run in `run_path` (its config.json) and its checkpoint (progress, arrays);
+    exits with one line if there is nothing of this script's there to continue."""
+    if os.path.exists(os.path.join(run_path, "summary.json")):
+        sys.exit(f"error: --resume {run_path}: that run has finished (it wrote summary.json); nothing to continue")
+    try:
+        with open(os.path.join(run_path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: --resume {run_path}: not a run folder with a readable config.json ({e})")
+    saved = {f.name: config[f.name] for f in fields(Args) if f.init and f.name in config}
+    args = Args(**{name: tuple(value) if isinstance(value, list) else value for name, value in saved.items()})
+    args.resume, args.load_model = run_path, None  # the checkpoint holds whatever the run had loaded
+    header, arrays = read_arrays(os.path.join(run_path, "checkpoint.msgpack"), "--resume", args.env_id, "checkpoint")
+    return args, (header["progress"], arrays)
+
+
+def run_metadata():
+    versions = {
+        p: metadata.version(p) for p in ("jax", "jaxlib", "flax", "optax", "mujoco", "mujoco-mjx", "playground")
+    }
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"versions": versions, "git_commit": commit}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Videos: the episodes the evaluation ran, drawn by MuJoCo's renderer
+
+
+def first_env_pose(env_state):
+    """What it takes to draw the first env: its joint positions and the poses of its mocap bodies."""
+    return env_state.data.qpos[0], env_state.data.mocap_pos[0], env_state.data.mocap_quat[0]
+
+
+def open_renderer(env, args):
+    """MuJoCo's off-screen renderer for --capture-video (None without it); exits with one line, before anything is
+    written or compiled, where there is no OpenGL to render with."""
+    if not args.capture_video:
+        return None
+    visual = env.mj_model.vis.global_
+    visual.offwidth, visual.offheight = max(visual.offwidth, args.video_width), max(visual.offheight, args.video_height)
+    try:
+        return mujoco.Renderer(env.mj_model, args.video_height, args.video_width)
+    except Exception as error:  # each backend fails its own way (FatalError, AttributeError, ImportError)
+        sys.exit(
+            f"error: --capture-video: MuJoCo cannot render with MUJOCO_GL={os.environ.get('MUJOCO_GL', '')!r} "
+            f"({type(error).__name__}: {error}); set MUJOCO_GL=egl (on a machine without a GPU, with "
+            "EGL_PLATFORM=surfaceless LIBGL_ALWAYS_SOFTWARE=1) or MUJOCO_GL=osmesa"
+        )
+
+
+def render_episode(renderer, env, episode, stride):
+    """Frames (F, H, W, 3) of an episode the jitted evaluation ran, from every `stride`-th pose of `episode` (tuples of
+    first_env_pose, stacked over time: nothing is simulated again), seen by the model's first camera (in the DeepMind
+    Control Suite, the one that follows the body), and their frame rate in real time."""
+    model, data = env.mj_model, mujoco.MjData(env.mj_model)
+    frames = []
+    for qpos, mocap_pos, mocap_quat in zip(*(np.asarray(x)[::stride] for x in episode)):
+        data.qpos, data.mocap_pos, data.mocap_quat = qpos, mocap_pos, mocap_quat
+        mujoco.mj_forward(model, data)
+        renderer.update_scene(data, camera=0 if model.ncam else -1)
+        frames.append(renderer.render())
+    return np.stack(frames), 1.0 / (env.dt * stride)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run: its folder, programs, evaluations, iterations, checkpoints and stop signals
+
+
+class Run:
+    """The host side of a run: its folder (config.json, eval.csv, TensorBoard, model.msgpack, checkpoint.msgpack,
+    summary.json, videos), the compilation of its programs, the evaluations and iterations it logs, its checkpoints and
+    the signals that stop it with one."""
+
+    def __init__(self, args, env, renderer, start_steps, checkpoint):
+        """A new run folder, or with `checkpoint` (from read_checkpoint) the interrupted run's, continued."""
+        self.args, self.env, self.renderer = args, env, renderer
+        self.start_time, self.compile_time, self.stop_signal = time.time(), 0.0, None
+        self.progress, self.saved_arrays = checkpoint or ({}, None)  # the checkpoint's progress (empty in a new run)
+        self.stage, self.iteration = None, self.progress.get("iteration", 0)
+        self.env_steps = self.progress.get("env_steps", start_steps)
+        self.start_steps = self.progress.get("start_steps", start_steps)
+        self.train_time = self.progress.get("train_time", 0.0)
+        self.previous_time = self.progress.get("elapsed", 0.0)
+        self.eval_rows = self.progress.get("eval_rows", [])
+        # XLA compiles a program on about one core: each compiles in a thread of its own while the next is traced.
+        self.workers = ThreadPoolExecutor()
+        run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        self.path = args.resume or os.path.join(args.run_dir, run_name)
+        if not args.resume:
+            try:
+                os.makedirs(self.path)
+            except OSError as e:
+                sys.exit(f"error: cannot make the run folder {self.path} ({e.strerror}); nothing was written")
+            write_atomic(
+                os.path.join(self.path, "config.json"), json.dumps({**asdict(args), **run_metadata()}, indent=2)
+            )
+        if args.track:
+            import wandb
+
+            wandb.init(
+                project=args.wandb_project_name,
+                entity=args.wandb_entity,
+                name=os.path.basename(self.path),
+                id=os.path.basename(self.path),
+                resume="allow",
+                config=asdict(args),
+                sync_tensorboard=True,
+                save_code=True,
+            )
+        # A resumed run hides what the interrupted one logged after its checkpoint, so no step is shown twice.
+        self.writer = SummaryWriter(self.path, purge_step=self.env_steps + 1 if args.resume else None)
+        if not args.resume:
+            self.writer.add_text(
+                "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+            )
+        self.checkpoint_time = time.time()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.request_stop)
+        print(f"run folder: {self.path}" + (f" (resumed at env step {self.env_steps:,})" if args.resume else ""))
+
+    # Compilation, and the evaluation at the first step while the training iteration compiles
+
+    def start_evaluations(self, evaluate, model, key):
+        """Trace `evaluate(model, key, deterministic) -> (returns, first episode)` here and compile it in a thread; in a
+        new run, evaluate `model` at this env step in another as soon as it is compiled."""
+        print("compiling...")
+        self.compile_start, self.eval_key = time.time(), key
+        self.evaluate_program = self.workers.submit(jax.jit(evaluate).lower(model, key, True).compile)
+        self.first_evaluation = None
+        if not self.args.resume:
+            self.first_evaluation = self.workers.submit(lambda: (model, *self.evaluate_in_both_modes(model)))
+
+    def compile_training(self, train_iteration, *example_args):
+        """`train_iteration` jitted, its first argument (the training state) donated, so that each iteration updates it
+        in place; traced here, compiled in a thread, and returned once compiled and once the evaluation at the first
+        step is logged (the first iteration donates the buffers that evaluation reads)."""
+        program = self.workers.submit(jax.jit(train_iteration, donate_argnums=0).lower(*example_args).compile)
+        self.log_first_evaluation()
+        compiled = program.result()
+        self.compile_time = time.time() - self.compile_start
+        print(f"compiled in {self.compile_time:.1f} s")
+        return compiled
+
+    def compile_in_background(self, function, *example_args):
+        """`function` jitted, then traced and compiled in a thread while training goes on, from the shapes of the
+        example arguments (training donates their buffers meanwhile); calling the result waits for the program."""
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), example_args)
+        program = self.workers.submit(lambda: jax.jit(function).lower(*shapes).compile())
+        return lambda *inputs: program.result()(*inputs)
+
+    def log_first_evaluation(self):
+        if self.first_evaluation is not None:
+            self.log_evaluation(*self.first_evaluation.result())
+            self.first_evaluation = None
+
+    # Evaluations
+
+    def evaluate_compiled(self, model, key, deterministic):
+        """The script's evaluation, compiled: `model`'s returns in the episodes of `key`, and its first episode."""
+        return self.evaluate_program.result()(model, key, deterministic)
+
+    def evaluate_in_both_modes(self, model):
+        """`model`'s returns in each mode of EVAL_MODES, and its first episode in each: on new start states and noise at
+        every evaluation, from a key of its env step, the same for both modes (paired) and in every run of this seed."""
+        key = jax.random.fold_in(self.eval_key, self.env_steps)
+        returns, episodes = zip(*(self.evaluate_compiled(model, key, mode == "deterministic") for mode in EVAL_MODES))
+        return [np.asarray(r) for r in returns], episodes
+
+    def evaluate(self, model):
+        """Evaluate `model` at this env step and log it; returns its mean return in the paper's mode."""
+        self.log_evaluation(model, *self.evaluate_in_both_modes(model))
+        return self.eval_rows[-1][1]
+
+    def log_evaluation(self, model, returns, episodes):
+        """Log the returns (one array per mode of EVAL_MODES) of `model` evaluated at this env step: eval.csv,
+        TensorBoard, the console, with --save-model the model and with --capture-video its first episode."""
+        self.eval_rows.append((self.env_steps, *(float(f(r)) for r in returns for f in (np.mean, np.std))))
+        self.writer.add_scalar("eval/episodic_return", returns[0].mean(), self.env_steps)
+        self.writer.add_scalar("eval/episodic_return_std", returns[0].std(), self.env_steps)
+        self.writer.add_scalar(f"eval/{EVAL_MODES[1]}_episodic_return", returns[1].mean(), self.env_steps)
+        write_atomic(
+            os.path.join(self.path, "eval.csv"),
+            f"env_steps,eval_return_mean,eval_return_std,{EVAL_MODES[1]}_return_mean,{EVAL_MODES[1]}_return_std\n"
+            + "".join(f"{row[0]}," + ",".join(f"{x:.4f}" for x in row[1:]) + "\n" for row in self.eval_rows),
+        )
+        if self.args.save_model:
+            save_model(os.path.join(self.path, "model.msgpack"), self.args, self.env_steps, model)
+        self.log_video(episodes[:1])
+        sps = (self.env_steps - self.start_steps) / self.train_time if self.train_time > 0 else 0.0
+        elapsed = time.strftime("%H:%M:%S", time.gmtime(self.previous_time + time.time() - self.start_time))
         print(
-            f"  decoder epoch {epoch:>3}/{args.decoder_epochs} | train loss {train_loss:.5f} | held-out loss "
-            f"{validation_loss:.5f}{' (best)' if improved else ''}"
+            f"eval  step {self.env_steps:>12,} | return {returns[0].mean():8.2f} +- {returns[0].std():7.2f} | "
+            f"{EVAL_MODES[1]} {returns[1].mean():8.2f} | SPS {sps:9,.0f} | {elapsed}"
         )
-        run.stop_if_requested()  # the last checkpoint is the finished stage's end: a resumed run redoes this change
 
-    if first_evaluation:  # done before training begins: the first iteration donates the parameters' buffers
-        log_evaluation(model, *first_evaluation.result())
-    if sum(args.stage_iterations) > 0:
-        train_iteration = train_program.result()
-    run.compile_time = time.time() - compile_start
-    print(f"compiled in {run.compile_time:.1f} s")
-    if len(args.stage_iterations) > 1:
-        # Not needed before the first stage change: it is traced and compiled while stage 0 trains, from the shapes of
-        # its inputs (the first iteration donates their buffers).
-        shapes = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-            (policy_params, obs_stats, decoder, state.rollout_carry, train_key),
+    def log_video(self, episodes, suffix=""):
+        """With --capture-video, render `episodes` (side by side) to videos/{env steps}{suffix}.mp4 in the run folder,
+        and a preview (every fourth frame at half the size: TensorBoard stores videos as GIFs, 10 MB for a whole 320 x
+        240 episode) to TensorBoard."""
+        if self.renderer is None:
+            return
+        rendered = [
+            render_episode(self.renderer, self.env, episode, self.args.video_frame_stride) for episode in episodes
+        ]
+        frames, fps = np.concatenate([frames for frames, _ in rendered], axis=2), rendered[0][1]
+        os.makedirs(os.path.join(self.path, "videos"), exist_ok=True)
+        path = os.path.join(self.path, "videos", f"{self.env_steps}{suffix}.mp4")
+        video = imageio_ffmpeg.write_frames(path + ".part.mp4", frames.shape[2:0:-1], fps=fps, macro_block_size=2)
+        video.send(None)
+        for frame in frames:
+            video.send(np.ascontiguousarray(frame))
+        video.close()
+        os.replace(path + ".part.mp4", path)
+        preview = frames[None, ::4, ::2, ::2].transpose(0, 1, 4, 2, 3)  # (1, F / 4, 3, H / 2, W / 2)
+        self.writer.add_video(f"videos/evaluation{suffix}", preview, self.env_steps, fps / 4)
+
+    # Training iterations and checkpoints
+
+    def resume(self, tree, **progress):
+        """The training state to start from: with --resume the checkpoint's, shaped like `tree`; in a new run `tree`
+        itself, checkpointed with the script's `progress` (a stop signal during compilation stops the run there)."""
+        if self.args.resume:
+            return restore_arrays(self.saved_arrays, tree, f"--resume {self.path}")
+        self.checkpoint(tree, **progress)
+        self.stop_if_requested()
+        return tree
+
+    def iterations(self, num_iterations, stage=None):
+        """The numbers of the training iterations 1..num_iterations (of GoRL's `stage`) still to run: in the stage of
+        the checkpoint a resumed run goes on after it. Each is timed from here to log_iteration."""
+        done = self.progress.get("iteration", 0) if (stage or 0) == (self.progress.get("stage") or 0) else 0
+        self.stage, self.last_iteration = stage, num_iterations
+        for self.iteration in range(done + 1, num_iterations + 1):
+            self.iteration_start = time.time()
+            yield self.iteration
+
+    def log_iteration(self, metrics):
+        """Log the iteration's metrics (their copy to the host is the one sync of an iteration) and its speed; stop the
+        run where a loss or a parameter is not finite."""
+        metrics = jax.device_get(metrics)
+        steps_per_iteration = self.args.num_envs * self.args.rollout_length
+        iteration_time = time.time() - self.iteration_start
+        self.train_time += iteration_time
+        self.env_steps += steps_per_iteration
+        label = "" if self.stage is None else f"stage {self.stage} "
+        if not metrics["finite"]:
+            self.writer.close()
+            sys.exit(
+                f"error: non-finite loss or parameters at {label}iteration {self.iteration} (env step "
+                f"{self.env_steps:,}); training stopped, the logs and the last saved model in {self.path} are kept"
+            )
+        self.log_scalars("losses", {k: v for k, v in metrics.items() if k not in ("finite", "train_episode_return")})
+        if np.isfinite(metrics["train_episode_return"]):
+            self.writer.add_scalar("charts/episodic_return", metrics["train_episode_return"], self.env_steps)
+        self.writer.add_scalar("charts/SPS", steps_per_iteration / iteration_time, self.env_steps)
+        print(
+            f"{label}iter {self.iteration:>4}/{self.last_iteration} | step {self.env_steps:>12,} | loss "
+            f"{metrics['loss']:8.4f} | SPS {steps_per_iteration / iteration_time:9,.0f}"
         )
-        collect_program = compiler.submit(lambda: jax.jit(rollout).lower(*shapes).compile())
-        next_stage = make_stage_change(
-            lambda *inputs: collect_program.result()(*inputs), train_decoder, evaluate_program.result(), optimizer, args
-        )
-    if sum(args.stage_iterations) > 0:
-        # The state of the Figure-7 histograms, the same at every stage's end: a start state of its own, made (and its
-        # reset compiled) while stage 0 trains.
-        histogram_obs = compiler.submit(lambda: env.reset(histogram_key).obs)
-        if checkpoint:
-            progress.update(run.progress)
-            encoder = {"latent_policy": state.params["latent_policy"], "obs_stats": state.obs_stats}
-            target = {"state": state, "decoder": decoder, "best": encoder, "final": encoder}
-            restored = restore_arrays(checkpoint[1], target, f"--resume {run.path}")
-            state, decoder = restored["state"], restored["decoder"]
-            encoders.update(final=restored["final"], best=restored["best"] if progress["best"] else None)
-        else:
-            keep_encoder(0, state)  # stage 0's step-0 evaluation is a candidate too, as in the authors' loop
-            run.checkpoint(*resume_point(0, state))
-            run.stop_if_requested()
-        resume_stage, resume_iteration = progress["stage"], progress["iteration"]
-        for stage in range(resume_stage, len(args.stage_iterations)):
-            first_iteration = resume_iteration + 1 if stage == resume_stage else 1
-            if stage > 0 and first_iteration == 1:
-                # The next decoder learns from the finished stage's best (or final) encoder, with the decoder it acted
-                # through: the policy whose behaviour the restarted encoder inherits.
-                distilled = progress[args.decoder_data_policy]
-                print(
-                    f"stage {stage}: collecting {args.collection_rollouts} rollouts of the stage-{stage - 1} encoder "
-                    f"of iteration {distilled['iteration']} (deterministic return {distilled['eval_return']:.2f}), "
-                    f"then fitting the decoder to {args.decoder_dataset_size:,} (state, action) pairs"
-                )
-                change_start = time.time()
-                state, decoder, change, episodes = next_stage(
-                    state,
-                    decoder,
-                    encoders[args.decoder_data_policy],
-                    prior_params(latent_policy, jax.random.fold_in(network_key, stage), env.observation_size),
-                    jax.random.fold_in(decoder_key, stage),
-                    lambda i: print(f"  collected rollout {i}/{args.collection_rollouts}"),
-                    partial(report_decoder_epoch, stage),
-                )
-                progress["collection_steps"] += args.collection_rollouts * steps_per_iteration
-                change = {
-                    "distilled_iteration": distilled["iteration"],
-                    "distilled_env_steps": distilled["env_steps"],
-                    "distilled_eval_return": distilled["eval_return"],
-                    **change,
-                    "collection_env_steps": args.collection_rollouts * steps_per_iteration,
-                    "transition_time_s": time.time() - change_start,
-                }
-                for name, value in change.items():
-                    run.writer.add_scalar(f"stage/{name}", value, run.env_steps)
-                run.writer.add_scalar("stage/dataset_size", args.decoder_dataset_size, run.env_steps)
-                run.writer.add_scalar("stage/total_collection_env_steps", progress["collection_steps"], run.env_steps)
-                print(
-                    f"stage {stage}: warm start: stochastic return {change['stochastic_return_before']:.2f} before "
-                    f"the restart, {change['warm_start_return']:.2f} after; decoder held-out loss "
-                    f"{change['decoder_validation_loss']:.5f}; transition {change['transition_time_s']:.1f} s"
-                )
-                if args.capture_video:  # the warm start made visible: the distilled policy left, the restarted right
-                    before, fps = render_episode(renderer, env, episodes[0], args.video_frame_stride)
-                    after, _ = render_episode(renderer, env, episodes[1], args.video_frame_stride)
-                    run.log_video(np.concatenate([before, after], axis=2), fps, "_stage_change")
-                progress.update(stage=stage, record={"stage": stage, **change}, best=None)
-                encoders["best"] = None
-            settings = stage_settings(args, stage)
-            if first_iteration == 1:
-                for name, value in {"index": stage, **settings._asdict()}.items():
-                    run.writer.add_scalar(f"stage/{name}", value, run.env_steps)
-            state = run.train(
-                lambda state: train_iteration(state, decoder, settings),
-                state,
-                range(first_iteration, args.stage_iterations[stage] + 1),
-                on_evaluation,
-                resume_point,
-                label=f"stage {stage} ",
+
+    def log_scalars(self, prefix, values):
+        for name, value in values.items():
+            self.writer.add_scalar(f"{prefix}/{name}", value, self.env_steps)
+
+    def evaluation_due(self):
+        """Whether the iteration just logged crossed a multiple of --eval-interval or ended its stage."""
+        interval, steps_per_iteration = self.args.eval_interval, self.args.num_envs * self.args.rollout_length
+        crossed = self.env_steps // interval > (self.env_steps - steps_per_iteration) // interval
+        return crossed or self.iteration == self.last_iteration
+
+    def checkpoint_if_due(self, tree, **progress):
+        """Replace the checkpoint with `tree` and the script's `progress` after every evaluation, every
+        --checkpoint-interval minutes and on a stop signal; then stop if one came."""
+        evaluated = self.eval_rows[-1][0] == self.env_steps
+        overdue = time.time() - self.checkpoint_time > 60 * self.args.checkpoint_interval
+        if evaluated or overdue or self.stop_signal is not None:
+            self.checkpoint(tree, **progress)
+        self.stop_if_requested()
+
+    def checkpoint(self, tree, **progress):
+        """Replace the run's checkpoint with everything --resume needs to continue exactly from here."""
+        progress = {
+            **progress,
+            "stage": self.stage,
+            "iteration": self.iteration,
+            "env_steps": self.env_steps,
+            "start_steps": self.start_steps,
+            "train_time": self.train_time,
+            "elapsed": self.previous_time + time.time() - self.start_time,
+            "eval_rows": self.eval_rows,
+        }
+        header = {"algo": ALGO, "env_id": self.args.env_id, "kind": "checkpoint", "progress": progress}
+        save_arrays(os.path.join(self.path, "checkpoint.msgpack"), header, tree)
+        self.checkpoint_time = time.time()
+
+    def request_stop(self, signum, frame):
+        """The first SIGTERM or SIGINT stops the run at the end of the iteration, with a checkpoint; a second ends the
+        process at once."""
+        self.stop_signal = signum
+        for other in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(other, signal.SIG_DFL)
+
+    def stop_if_requested(self):
+        if self.stop_signal is not None:
+            self.writer.close()
+            print(
+                f"stopped by {signal.Signals(self.stop_signal).name} at env step {self.env_steps:,}; continue with: "
+                f"python {sys.argv[0]} --resume {self.path}"
             )
-            policy_params, obs_stats = state.params["latent_policy"], state.obs_stats
-            actions = sample_actions(
-                policy_params, obs_stats, decoder, histogram_obs.result(), jax.random.fold_in(histogram_key, stage)
-            )
-            run.writer.add_histogram(
-                "stage/action_first_principal_component", first_principal_component(np.asarray(actions)), run.env_steps
-            )
-            record = {**progress["record"], "env_steps": run.env_steps, "final_eval_return": run.eval_rows[-1][1]}
-            progress["records"].append(record)
-    run.finish({"collection_env_steps": progress["collection_steps"], "stages": progress["records"]})
+            sys.exit(128 + self.stop_signal)
+
+    def finish(self, summary):
+        """Write summary.json: the final evaluation's figures, the run's clocks and the script's own `summary`."""
+        if self.first_evaluation is not None:  # no training: the run was its evaluation
+            self.log_first_evaluation()
+            self.compile_time = time.time() - self.compile_start
+            print(f"compiled in {self.compile_time:.1f} s")
+        final_steps, final_mean, final_std, other_mean, other_std = self.eval_rows[-1]
+        device = jax.devices()[0]
+        summary = {
+            "env_id": self.args.env_id,
+            "algo": ALGO,
+            "seed": self.args.seed,
+            "env_steps": final_steps,
+            "eval_mode": EVAL_MODES[0],
+            "final_eval_return": final_mean,
+            "final_eval_return_std": final_std,
+            "best_eval_return": max(row[1] for row in self.eval_rows),
+            f"final_{EVAL_MODES[1]}_eval_return": other_mean,
+            f"final_{EVAL_MODES[1]}_eval_return_std": other_std,
+            "wall_time_s": self.previous_time + time.time() - self.start_time,
+            "compile_time_s": self.compile_time,
+            "train_sps": (final_steps - self.start_steps) / self.train_time if self.train_time > 0 else 0.0,
+            "device": device.device_kind,  # "cpu" or the GPU's name
+            "peak_device_memory_bytes": (device.memory_stats() or {}).get("peak_bytes_in_use"),  # None on a CPU
+            "peak_resident_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # of this process
+            **summary,
+        }
+        write_atomic(os.path.join(self.path, "summary.json"), json.dumps(summary, indent=2))
+        self.writer.close()
+        print(f"final return {final_mean:.2f} +- {final_std:.2f}; results in {self.path}")
 
 
 if __name__ == "__main__":

@@ -72,8 +72,15 @@ def read(path):
         return f.read()
 
 
-# What may differ between a straight run and a stopped-and-resumed one: clocks.
-TIMINGS = ("wall_time_s", "compile_time_s", "train_sps", "transition_time_s", "decoder_pairs_per_s")
+# What may differ between a straight run and a stopped-and-resumed one: clocks and the process's memory.
+TIMINGS = (
+    "wall_time_s",
+    "compile_time_s",
+    "train_sps",
+    "transition_time_s",
+    "decoder_pairs_per_s",
+    "peak_resident_memory_bytes",
+)
 
 
 def without_timings(summary):
@@ -151,7 +158,7 @@ def test_first_signal_asks_for_a_checkpoint_and_a_second_ends_the_process(tmp_pa
     args = tyro.cli(ppo_continuous.Args, args=["--env-id", "CartpoleSwingup", "--run-dir", str(tmp_path)])
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        run = ppo_continuous.Run(args, 0, None)
+        run = ppo_continuous.Run(args, None, None, 0, None)
         assert signal.getsignal(signal.SIGTERM) == run.request_stop
         run.request_stop(signal.SIGTERM, None)
         assert run.stop_signal == signal.SIGTERM
@@ -230,7 +237,7 @@ def test_unwritable_or_clashing_run_dir_is_refused_and_nothing_is_overwritten(tm
     clash.mkdir(parents=True)
     (clash / "eval.csv").write_text("earlier")
     args = tyro.cli(ppo_continuous.Args, args=["--env-id", "CartpoleSwingup", "--run-dir", str(tmp_path / "runs")])
-    assert "cannot make the run folder" in refusal(ppo_continuous.Run, args, 0, None)
+    assert "cannot make the run folder" in refusal(ppo_continuous.Run, args, None, None, 0, None)
     assert os.listdir(clash) == ["eval.csv"] and (clash / "eval.csv").read_text() == "earlier"
 
 

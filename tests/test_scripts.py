@@ -36,6 +36,9 @@ SUMMARY_FIELDS = {
     "wall_time_s",
     "compile_time_s",
     "train_sps",
+    "device",
+    "peak_device_memory_bytes",
+    "peak_resident_memory_bytes",
 }
 EVAL_STEPS = [i * EVAL_INTERVAL for i in range(6)]  # GoRL's stages end on evaluations too: 8, 12, 16, 20 iterations
 
@@ -83,6 +86,8 @@ def test_output_contract(script, learning_runs):
     assert summary["final_eval_return_std"] == pytest.approx(rows[-1][2], abs=1e-3)
     assert summary["best_eval_return"] == pytest.approx(max(r[1] for r in rows), abs=1e-3)
     assert summary["train_sps"] > 0 and summary["compile_time_s"] > 0 and summary["wall_time_s"] > 0
+    assert (summary["peak_device_memory_bytes"] is None) == (summary["device"] == "cpu")  # a GPU reports its own
+    assert 2**28 < summary["peak_resident_memory_bytes"] < 2**35  # a JAX process on this machine: 0.25 to 32 GiB
 
     events = events_of(run_path)
     tags = set(events.Tags()["scalars"])

@@ -1,5 +1,6 @@
 """The parts the scripts share are textually identical (README.md promises it: `diff ppo_continuous.py gorl_ppo_fm.py`
-shows only what GoRL adds), compared by the source of each top-level definition."""
+shows only what GoRL adds): the appendix of the run's plumbing byte for byte, and the method's shared definitions by
+their source."""
 
 import ast
 import functools
@@ -10,6 +11,9 @@ from conftest import ROOT
 
 ALL = ("ppo_continuous", "gorl_ppo_fm", "gorl_ppo_diffusion", "fpo", "dppo")
 GORL = ("gorl_ppo_fm", "gorl_ppo_diffusion")
+# The run's plumbing, from this banner to the main guard that ends every script, is word for word the same in all five.
+APPENDIX_BANNER = "# Appendix: the run's plumbing."
+MAIN_GUARD = 'if __name__ == "__main__":\n    main(tyro.cli(Args))\n'
 # definition: the scripts that hold it word for word
 SHARED = {
     **{
@@ -24,22 +28,6 @@ SHARED = {
             "RolloutCarry",
             "compute_advantages",
             "normalize_advantages",
-            # the run: files, checkpoints, the loop over iterations
-            "write_atomic",
-            "is_key",
-            "save_arrays",
-            "read_arrays",
-            "restore_arrays",
-            "save_model",
-            "load_model",
-            "read_checkpoint",
-            "run_metadata",
-            "Run",
-            "check_run_args",
-            # videos
-            "first_env_pose",
-            "open_renderer",
-            "render_episode",
         )
     },
     "gaussian_log_prob": ("ppo_continuous", *GORL),
@@ -63,10 +51,32 @@ GORL_DECODER = {
 }
 
 
+def read(script):
+    with open(os.path.join(ROOT, f"{script}.py")) as f:
+        return f.read()
+
+
+def appendix(script):
+    """The text from the appendix's banner to the main guard, which must end the script."""
+    source = read(script)
+    assert source.endswith("\n\n\n" + MAIN_GUARD), f"{script}.py does not end with its main guard"
+    banner = source.index(APPENDIX_BANNER)
+    return source[source.rindex("\n", 0, banner) + 1 : -len(MAIN_GUARD)]
+
+
+def test_appendix_is_byte_identical_in_every_script_and_follows_main():
+    appendices = {script: appendix(script) for script in ALL}
+    assert appendices[ALL[0]].count("\n") > 300, "the appendix is missing or cut short"
+    assert [script for script, text in appendices.items() if text != appendices[ALL[0]]] == []
+    for script in ALL:
+        source = read(script)
+        main = next(node for node in ast.parse(source).body if getattr(node, "name", None) == "main")
+        assert main.end_lineno < source[: source.index(APPENDIX_BANNER)].count("\n") + 1, f"{script}.py: main is late"
+
+
 @functools.cache
 def definitions(script):
-    with open(os.path.join(ROOT, f"{script}.py")) as f:
-        source = f.read()
+    source = read(script)
     return {
         node.name: ast.get_source_segment(source, node)
         for node in ast.parse(source).body

@@ -199,17 +199,9 @@ def test_decoder_data_pairs_each_pre_tanh_action_with_the_observation_it_was_tak
     rollout = jax.jit(rollout)
     stats = module.init_running_stats(obs_size)
     start = rollout(params["latent_policy"], stats, decoder, init(3), key)[0]  # begun
-    (obs, actions), end = module.collect_decoder_data(
-        rollout,
-        params["latent_policy"],
-        stats,
-        decoder,
-        start,
-        key,
-        2,
-        30,
-        lambda i: None,
-    )
+    args = SimpleNamespace(collection_rollouts=2, decoder_dataset_size=30)
+    model = {"params": params, "obs_stats": stats, "decoder": decoder}
+    (obs, actions), end = module.make_decoder_data_collector(rollout, args)(model, start, key)
     obs, actions = np.asarray(obs), np.asarray(actions)
     assert obs.shape == (30, obs_size) and actions.shape == (30, action_size)
     # The identity decoder passes the prior's N(0, I) latents through: pre-tanh actions leave [-1, 1].

@@ -79,6 +79,7 @@ def test_training_run_records_every_evaluation_and_gorl_its_stage_change(tmp_pat
     assert tensorboard_videos(run_path) == {"videos/evaluation": [0, N, 2 * N], "videos/evaluation_stage_change": [N]}
 
 
+@pytest.mark.slow
 def test_no_opengl_gives_one_line_and_writes_nothing(tmp_path):
     """MUJOCO_GL=glfw without a display: the run stops before compiling, with one line that says what to set, and
     leaves the run folder as it was."""
