@@ -4,16 +4,21 @@ benchmark.sh's smoke preset) that the learning, end-to-end and benchmark tests a
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
+from typing import NamedTuple
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # MJX programs take tens of seconds to compile on a CPU; the cache lets later tests (and subprocesses) reuse them.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".cache", "jax"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402  (after the cache settings, which JAX reads when it is imported)
+import jax.numpy as jnp  # noqa: E402
 
 import benchmark  # noqa: E402  (the repository root is on the path only from here)
 
@@ -84,6 +89,15 @@ def learning_runs(tmp_path_factory):
     return get
 
 
+@pytest.fixture
+def signal_handlers():
+    """A script's Run installs its stop handlers in the process that makes it: put pytest's back afterwards."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
 def run_benchmark(*args, timeout=900, log_compiles=False):
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmark.py"), *map(str, args)],
@@ -93,3 +107,37 @@ def run_benchmark(*args, timeout=900, log_compiles=False):
         timeout=timeout,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **({"JAX_LOG_COMPILES": "1"} if log_compiles else {})},
     )
+
+
+class ToyData(NamedTuple):
+    qpos: jax.Array  # (3,) the step within the episode and the point's position
+    mocap_pos: jax.Array  # (0, 3)
+    mocap_quat: jax.Array  # (0, 4)
+
+
+class ToyState(NamedTuple):
+    data: ToyData
+    obs: jax.Array  # (4,) [step within the episode, position, 1]
+    reward: jax.Array  # ()
+    done: jax.Array  # ()
+
+
+class ToyEnv:
+    """A stand-in for a Playground env with its API (reset, step, the State's fields the scripts read), for tests that
+    run the scripts' own programs without physics, so that they compile in seconds: a point in the plane, started at a
+    random position and pushed by the action, rewarded for staying near the origin. Its first observation is the step
+    within the episode, so the observation statistics of a rollout are known in advance."""
+
+    observation_size, action_size = 4, 2
+
+    def reset(self, key):
+        return self.state(jnp.zeros(()), jax.random.normal(key, (2,)), jnp.zeros(()))
+
+    def step(self, state, action):
+        position = state.data.qpos[1:] + 0.1 * action
+        return self.state(state.data.qpos[0] + 1.0, position, -jnp.sum(position**2))
+
+    def state(self, step, position, reward):
+        qpos = jnp.concatenate([step[None], position])
+        obs = jnp.concatenate([qpos, jnp.ones(1)])
+        return ToyState(ToyData(qpos, jnp.zeros((0, 3)), jnp.zeros((0, 4))), obs, reward, jnp.zeros(()))

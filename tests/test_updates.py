@@ -5,6 +5,7 @@ minibatch of the update that follows it.
 The batches hold two samples taken in one state, one rewarded and one not. Every step terminates, so the advantage is
 reward - value, and after normalisation the rewarded sample's is +1, the other's -1."""
 
+import functools
 from types import SimpleNamespace
 
 import jax
@@ -36,9 +37,9 @@ def tiny_args(module, **overrides):
 
 
 def two_sample_batch(module, params, networks, key):
-    """Transitions (T=1, B=2) of two samples taken in one state, the rewarded one first, and `likelihoods(params)`: what
-    the script's ratio compares for each sample (Gaussian log-likelihoods; for FPO minus the mean flow-matching loss over
-    the stored pairs; for DPPO the chain's summed step log-likelihoods)."""
+    """Transitions (T=1, B=2) of two samples taken in one state, the rewarded one first, and `likelihoods(params)`:
+    what the script's ratio compares for each sample (Gaussian log-likelihoods; for FPO minus the mean flow-matching
+    loss over the stored pairs; for DPPO the chain's summed step log-likelihoods)."""
     policy = networks[0]
     obs = jnp.broadcast_to(jax.random.normal(key, (OBS_SIZE,)), (1, 2, OBS_SIZE))
     reward, termination, truncation = jnp.array([[1.0, 0.0]]), jnp.ones((1, 2)), jnp.zeros((1, 2))
@@ -78,15 +79,25 @@ def two_sample_batch(module, params, networks, key):
     return transitions, likelihoods, module.init_running_stats(OBS_SIZE)
 
 
-def networks_and_params(module, key, obs_size=OBS_SIZE, action_size=ACTION_SIZE):
+@functools.cache
+def networks_and_params(module, seed, obs_size=OBS_SIZE, action_size=ACTION_SIZE):
     """The script's own networks, from its make_networks: (policy, critic) or GoRL's (latent policy, critic, decoder
     network), and their initial parameters."""
-    return module.make_networks(SimpleNamespace(observation_size=obs_size, action_size=action_size), key)
+    return module.make_networks(
+        SimpleNamespace(observation_size=obs_size, action_size=action_size), jax.random.key(seed)
+    )
+
+
+# (script, its arguments, its networks) -> (optimizer, its update compiled once for all the tests that share them)
+UPDATES = {}
 
 
 def one_update(module, args, networks, params, transitions, stats, settings=None):
-    optimizer = optax.adam(1e-3)
-    update = module.make_update(networks[0], networks[1], optimizer, args)
+    key = (module.ALGO, repr(args), repr(networks))
+    if key not in UPDATES:
+        optimizer = optax.adam(1e-3)
+        UPDATES[key] = optimizer, jax.jit(module.make_update(networks[0], networks[1], optimizer, args))
+    optimizer, update = UPDATES[key]
     extra = () if settings is None else (settings,)
     return update(params, optimizer.init(params), stats, *extra, transitions, transitions.obs[-1], jax.random.key(7))
 
@@ -105,7 +116,7 @@ CASES = [
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_update_makes_the_advantaged_action_more_likely_and_the_other_less(module, overrides, seed):
     args = tiny_args(module, **overrides)
-    networks, params = networks_and_params(module, jax.random.key(seed))
+    networks, params = networks_and_params(module, seed)
     transitions, likelihoods, stats = two_sample_batch(module, params, networks, jax.random.key(100 + seed))
     settings = module.stage_settings(args, 1) if module in GORL else None
     new_params, _, _ = one_update(module, args, networks, params, transitions, stats, settings)
@@ -120,7 +131,7 @@ def test_gorl_update_applies_the_stage_settings(module):
     """The same batch, whose rewarded latent has a ratio of 1.2: stage 0's clip (0.15) cuts it, stage 1's (0.3) does
     not; and the loss carries the stage's latent regulariser coefficient (5e-4 in stage 0, 1e-3 later)."""
     args = tiny_args(module)
-    networks, params = networks_and_params(module, jax.random.key(0))
+    networks, params = networks_and_params(module, 0)
     transitions, _, stats = two_sample_batch(module, params, networks, jax.random.key(1))
     transitions = transitions._replace(log_prob=transitions.log_prob - jnp.log(jnp.array([[1.2, 1.0]])))
     for stage, clipped, coef in ((0, 0.5, 5e-4), (1, 0.0, 1e-3), (3, 0.0, 1e-3)):
@@ -141,6 +152,151 @@ def test_ballincup_runs_stage_zero_without_the_latent_regulariser():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Every term of every loss: its formula, its sign and its coefficient
+
+
+def with_ratios(module, transitions, ratios):
+    """The batch with its stored likelihoods moved so that the update's first minibatch sees `ratios`: per sample, per
+    denoising step for DPPO, per (noise, time) pair for FPO (whose ratio is exp(loss_old - loss_new))."""
+    if module is fpo:
+        return transitions._replace(cfm_loss=transitions.cfm_loss + jnp.log(ratios))
+    return transitions._replace(log_prob=transitions.log_prob - jnp.log(ratios))
+
+
+RATIOS = np.array([1.3, 0.95])  # the rewarded sample's (advantage +1) and the other's (advantage -1)
+SURROGATE_CASES = [
+    (ppo_continuous, {}),
+    (gorl_ppo_fm, {}),
+    (gorl_ppo_diffusion, {}),
+    (fpo, {}),
+    (fpo, {"ratio": "per_action"}),
+    (dppo, {"denoising_gamma": 0.5}),
+]
+
+
+@pytest.mark.parametrize("module, overrides", SURROGATE_CASES, ids=lambda c: getattr(c, "ALGO", None) or str(c))
+def test_surrogate_is_the_clipped_objective_of_the_paper(module, overrides):
+    """The policy loss of a batch whose ratios are set by hand, against PPO's clipped surrogate written out in numpy,
+    -mean(min(r A, clip(r, 1 - eps, 1 + eps) A)): with the stage's clip for GoRL, one ratio per (noise, time) pair for
+    FPO (or per action, from the pairs' mean log-ratio), and for DPPO one per denoising step, the step that makes the
+    action weighted 1 and each earlier one denoising_gamma times less."""
+    args = tiny_args(module, **overrides)
+    networks, params = networks_and_params(module, 0)
+    transitions, _, stats = two_sample_batch(module, params, networks, jax.random.key(1))
+    per_step = {fpo: fpo.NUM_NOISE_PAIRS, dppo: dppo.NUM_DENOISING_STEPS}.get(module)
+    if per_step:  # from 1 outward, across the clip: 1.01 to 1.2 for the rewarded sample, 0.99 to 0.8 for the other
+        ratios = 1.0 + np.array([0.2, -0.2])[:, None] * (1 + np.arange(per_step)) / per_step
+    else:
+        ratios = RATIOS
+    if module is fpo and args.ratio == "per_action":  # one ratio per action: its pairs' mean log-ratio
+        ratios = np.broadcast_to(RATIOS[:, None], (2, per_step))
+    settings = module.stage_settings(args, 1) if module in GORL else None
+    transitions = with_ratios(module, transitions, jnp.asarray(ratios[None], jnp.float32))
+    _, _, metrics = one_update(module, args, networks, params, transitions, stats, settings)
+
+    clip = float(settings.clip_eps) if settings else args.clip_eps
+    advantages = np.array([1.0, -1.0]).reshape((2,) + (1,) * (ratios.ndim - 1))
+    if module is dppo:  # the chain's last step (which makes the action) is its last entry
+        advantages = advantages * args.denoising_gamma ** np.arange(per_step - 1, -1, -1)
+    if module is fpo and args.ratio == "per_action":
+        ratios = ratios[:, 0]
+        advantages = advantages[:, 0]
+    expected = -np.mean(np.minimum(ratios * advantages, np.clip(ratios, 1 - clip, 1 + clip) * advantages))
+    np.testing.assert_allclose(float(metrics["policy_loss"]), expected, rtol=1e-4)
+
+
+def one_sample_update(module, overrides, params=None):
+    """One update on the rewarded sample alone: its normalised advantage is 0, so the surrogate is 0 with no gradient
+    and only the other terms move the networks. Returns the networks, the parameters before and after, the batch and
+    the metrics."""
+    args = tiny_args(module, num_envs=1, batch_size=1, **overrides)
+    networks, initial = networks_and_params(module, 0)
+    params = initial if params is None else params(initial)
+    transitions, _, stats = two_sample_batch(module, params, networks, jax.random.key(1))
+    transitions = jax.tree.map(lambda x: x[:, :1], transitions)
+    settings = module.stage_settings(args, 1) if module in GORL else None
+    new_params, _, metrics = one_update(module, args, networks, params, transitions, stats, settings)
+    return networks, params, new_params, transitions, metrics
+
+
+# The terms besides the surrogate and the value loss (FPO and DPPO have no others), turned off.
+OTHER_TERMS_OFF = {
+    ppo_continuous: {"ent_coef": 0.0},
+    **{module: {"ent_coef": 0.0, "latent_reg_coef": (0.0, 0.0)} for module in GORL},
+}
+
+
+@pytest.mark.parametrize("module", [ppo_continuous, *GORL, fpo, dppo], ids=lambda m: m.ALGO)
+def test_value_term_pulls_the_critic_toward_its_target(module):
+    """With every other term off, the loss is vf_coef times the squared error to the value target (here the scaled
+    reward of a terminating step), and one update moves the value toward that target."""
+    overrides = {"vf_coef": 0.5, **OTHER_TERMS_OFF.get(module, {})}
+    (_, critic, *_), params, new_params, batch, metrics = one_sample_update(module, overrides)
+    obs = module.normalize(module.init_running_stats(OBS_SIZE), batch.obs)
+    before, after = (float(critic.apply(p["critic"], obs)[0, 0, 0]) for p in (params, new_params))
+    target = float(batch.reward[0, 0]) * 10.0  # --reward-scaling 10
+    np.testing.assert_allclose(float(metrics["value_loss"]), (target - before) ** 2, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["loss"]), 0.5 * float(metrics["value_loss"]), rtol=1e-6)
+    assert abs(after - target) < abs(before - target), f"the value moved from {before} to {after}, away from {target}"
+
+
+def policy_std(module, networks, params, obs):
+    name = "policy" if module is ppo_continuous else "latent_policy"
+    return module.policy_distribution(networks[0].apply(params[name], obs))
+
+
+def output_bias(mean, std):
+    """Parameters whose policy outputs (mean, std) in every state: the output layer's weights zeroed, its biases set."""
+
+    def set_output(params):
+        name = "policy" if "policy" in params else "latent_policy"
+        layers = params[name]["params"]
+        last = sorted(layers, key=lambda layer: int(layer.split("_")[1]))[-1]
+        size = layers[last]["bias"].shape[0] // 2
+        raw_std = np.log(np.expm1(std - 1e-3))  # policy_distribution: softplus(raw) + 1e-3
+        bias = jnp.concatenate([jnp.full(size, mean), jnp.full(size, raw_std)]).astype(jnp.float32)
+        output = {"kernel": jnp.zeros_like(layers[last]["kernel"]), "bias": bias}
+        return {**params, name: {"params": {**layers, last: output}}}
+
+    return set_output
+
+
+@pytest.mark.parametrize("module", [ppo_continuous, *GORL], ids=lambda m: m.ALGO)
+def test_entropy_bonus_widens_the_policy(module):
+    """With every other term off, the loss is -ent_coef times the entropy (PPO's: of the tanh-squashed Gaussian), and
+    one update widens the policy (a narrow one, std 0.1, where the Gaussian's entropy dominates the tanh correction)."""
+    overrides = {**OTHER_TERMS_OFF[module], "vf_coef": 0.0, "ent_coef": 0.5}
+    networks, params, new_params, batch, metrics = one_sample_update(module, overrides, output_bias(0.0, 0.1))
+    obs = module.normalize(module.init_running_stats(OBS_SIZE), batch.obs)
+    (_, before), (_, after) = (policy_std(module, networks, p, obs) for p in (params, new_params))
+    np.testing.assert_allclose(float(metrics["loss"]), -0.5 * float(metrics["entropy"]), rtol=1e-6)
+    if module in GORL:  # the latent Gaussian's entropy, in closed form
+        expected = np.sum(0.5 * np.log(2 * np.pi * np.e * np.asarray(before) ** 2))
+        np.testing.assert_allclose(float(metrics["entropy"]), expected, rtol=1e-5)
+    assert float(jnp.sum(jnp.log(after))) > float(jnp.sum(jnp.log(before))), "the entropy bonus narrowed the policy"
+
+
+@pytest.mark.parametrize("kind", ["l2", "kl"])
+@pytest.mark.parametrize("module", GORL, ids=lambda m: m.ALGO)
+def test_latent_regularizer_pulls_the_encoder_toward_the_prior(module, kind):
+    """With every other term off, the loss is the stage's coefficient times the regulariser, and one update moves an
+    encoder at N(0.5, 2^2) toward N(0, I): the regulariser, computed here in numpy, falls."""
+    overrides = {"vf_coef": 0.0, "ent_coef": 0.0, "latent_reg": kind, "latent_reg_coef": (0.0, 0.25)}
+    networks, params, new_params, batch, metrics = one_sample_update(module, overrides, output_bias(0.5, 2.0))
+    obs = module.normalize(module.init_running_stats(OBS_SIZE), batch.obs)
+
+    def regularizer(params):
+        mean, std = (np.asarray(x, np.float64) for x in policy_std(module, networks, params, obs))
+        if kind == "kl":
+            return np.mean(np.sum(0.5 * (mean**2 + std**2 - 1.0) - np.log(std), axis=-1))
+        return np.mean(mean**2) + np.mean(std**2)
+
+    np.testing.assert_allclose(float(metrics["latent_reg"]), regularizer(params), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["loss"]), 0.25 * float(metrics["latent_reg"]), rtol=1e-6)
+    assert regularizer(new_params) < regularizer(params), "the update pushed the encoder away from the prior"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # A real rollout, then the update: its first ratios are exactly 1
 
 
@@ -158,7 +314,7 @@ def test_first_ratios_of_the_update_after_a_rollout_are_one(module, overrides, e
     args = tiny_args(module, unroll_length=4, **overrides)  # rollouts of 4 steps in 2 envs
     key = jax.random.key(3)
     obs_size, action_size = env.observation_size, env.action_size
-    (policy, critic, *decoder_network), params = networks_and_params(module, key, obs_size, action_size)
+    (policy, critic, *decoder_network), params = networks_and_params(module, 3, obs_size, action_size)
     # Statistics that are far from the identity, so a rollout normalising differently from the loss would show.
     stats = module.update_running_stats(
         module.init_running_stats(obs_size), 3.0 + 2.0 * jax.random.normal(key, (50, obs_size))
@@ -193,7 +349,7 @@ def test_decoder_data_pairs_each_pre_tanh_action_with_the_observation_it_was_tak
     env, episode_length = env
     key = jax.random.key(4)
     obs_size, action_size = env.observation_size, env.action_size
-    (latent_policy, _, decoder_network), params = networks_and_params(module, key, obs_size, action_size)
+    (latent_policy, _, decoder_network), params = networks_and_params(module, 4, obs_size, action_size)
     decoder = module.identity_decoder(decoder_network, key, obs_size, action_size)
     init, rollout = module.make_rollout(env, latent_policy, decoder_network, 5, episode_length)
     rollout = jax.jit(rollout)
