@@ -124,7 +124,7 @@ class Args:
     eval_interval: int = 6_000_000
     """evaluate each time training crosses a multiple of this many env steps (and at step 0 and every stage's end)"""
     learning_rate: float = 1e-3
-    """Adam's learning rate for encoder and critic (constant)"""
+    """Adam's learning rate (constant)"""
     gamma: Optional[float] = None
     """discount factor; default per task: 0.995, 0.95 on FingerSpin and BallInCup"""
     gae_lambda: float = 0.95
@@ -165,7 +165,7 @@ class Args:
     decoder_patience: int = 20
     """stop fitting the decoder after this many epochs without a better held-out loss"""
     decoder_learning_rate: float = 3e-4
-    """Adam's learning rate for the decoder"""
+    """Adam's learning rate for the decoder (--learning-rate: the latent policy's and critic's)"""
 
     rollout_length: int = field(default=0, init=False)
     """steps per env per iteration (filled at runtime: num_minibatches * batch_size * unroll_length / num_envs)"""
@@ -194,7 +194,7 @@ class MLP(nn.Module):
 
 
 def policy_distribution(policy_output):
-    """Mean and std of the diagonal Gaussian over latents from the latent policy's 2D outputs."""
+    """Mean and std of the diagonal Gaussian from a policy's outputs: the first half, softplus(the second) + 1e-3."""
     mean, raw_std = jnp.split(policy_output, 2, axis=-1)
     return mean, jnp.minimum(nn.softplus(raw_std) + 1e-3, 10.0)
 

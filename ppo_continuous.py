@@ -163,7 +163,7 @@ class MLP(nn.Module):
 
 
 def policy_distribution(policy_output):
-    """Mean and std of the diagonal Gaussian over pre-tanh actions from the policy's 2A outputs."""
+    """Mean and std of the diagonal Gaussian from a policy's outputs: the first half, softplus(the second) + 1e-3."""
     mean, raw_std = jnp.split(policy_output, 2, axis=-1)
     return mean, jnp.minimum(nn.softplus(raw_std) + 1e-3, 10.0)
 
