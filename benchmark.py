@@ -4,6 +4,8 @@
                                 [--jobs N] [--dry-run] [--slurm [--submit]]
     python benchmark.py summarize DIR [--out DIR]
     python benchmark.py speed [--scripts ...] [--env-ids ...] [--impls ...]
+    python benchmark.py estimate --preset {paper,cpu,smoke} [--algos ...] [--env-ids ...] [--seeds ...] [--jobs N]
+                                 [--out DIR] [--timeout SECONDS]
 
 `returns` runs a grid of algorithms x tasks x seeds (skipping runs that already finished, so an interrupted grid
 resumes), locally or as a Slurm job array, then summarises it. `summarize` turns any folder of run folders into
@@ -13,6 +15,8 @@ per iteration: the training env steps per second of the script itself (from its 
 second of its jitted rollout alone, and of pure MJX stepping (a jitted scan of vmap(env.step) with random actions,
 same env, impl and batch); so the share of an iteration spent in the rollout and the rollout's overhead over the
 physics. For the GoRL scripts it adds the decoder's training throughput and the time of a whole stage transition.
+`estimate` runs every script of a preset for a few iterations at the preset's own sizes, on this machine, and projects
+each run's hours and the grid's, before a grid is started.
 """
 
 import argparse
@@ -26,6 +30,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -798,6 +803,258 @@ def speed_table(rows):
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# estimate: what a preset's runs will cost, measured on this machine at the preset's own sizes
+
+ESTIMATE_DECODER_ROLLOUTS = 2  # GoRL's measured collection: two rollouts (the second timed), at most the preset's
+
+
+def run_sizes(preset, algo, env_id):
+    """The script's arguments in the preset, as the script checks and completes them: env steps per iteration,
+    iterations per stage (one stage for PPO, FPO, DPPO), evaluations and, for GoRL, collection and decoder sizes."""
+    import tyro
+
+    module = importlib.import_module(algo)
+    arguments = ["--env-id", env_id, *map(str, PRESETS[preset]["args"][algo])]
+    args = tyro.cli(module.Args, args=arguments)
+    module.check_args(args)
+    sizes = {
+        "steps_per_iteration": args.num_envs * args.rollout_length,
+        "stage_iterations": list(getattr(args, "stage_iterations", (getattr(args, "num_iterations", 0),))),
+        "eval_interval": args.eval_interval,
+    }
+    if algo.startswith("gorl"):
+        sizes.update(
+            collection_rollouts=args.collection_rollouts,
+            decoder_dataset_size=args.decoder_dataset_size,
+            decoder_epochs=args.decoder_epochs,
+        )
+    return sizes
+
+
+def evaluations_after_start(sizes):
+    """How many evaluations a run makes after the one at its first step: one where an iteration crosses a multiple of
+    --eval-interval or ends its stage (the scripts' rule)."""
+    evaluations, steps, per_iteration = 0, 0, sizes["steps_per_iteration"]
+    for iterations in sizes["stage_iterations"]:
+        for iteration in range(1, iterations + 1):
+            steps += per_iteration
+            crossed = steps // sizes["eval_interval"] > (steps - per_iteration) // sizes["eval_interval"]
+            evaluations += crossed or iteration == iterations
+    return evaluations
+
+
+def measurement_arguments(algo, sizes):
+    """What the measured run changes in the preset's arguments: three iterations (the first, then two timed), an
+    evaluation after the second; GoRL then changes stage once, on a dataset of at most two rollouts and two decoder
+    epochs, and trains one iteration of stage 1."""
+    steps = sizes["steps_per_iteration"]
+    arguments = ["--eval-interval", 2 * steps]
+    if not algo.startswith("gorl"):
+        return [*arguments, "--total-timesteps", 3 * steps]
+    dataset = min(sizes["decoder_dataset_size"], ESTIMATE_DECODER_ROLLOUTS * steps)
+    return [
+        *arguments,
+        *("--stage-timesteps", 3 * steps, steps),
+        *("--decoder-dataset-size", dataset, "--decoder-epochs", 2, "--decoder-patience", 2),
+    ]
+
+
+def time_lines(command, timeout):
+    """Run `command`, echoing its progress lines; returns [(seconds since it started, line)] of its console, and its
+    exit status (None where it ran past `timeout` seconds and was killed)."""
+    begin, lines = time.perf_counter(), []
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    timer = threading.Timer(timeout, process.kill)  # MJX-Warp can hang a failing process: never wait forever
+    timer.start()
+    for line in process.stdout:
+        lines.append((time.perf_counter() - begin, line.rstrip("\n")))
+        if re.match(r"(stage \d+ )?iter |eval |compiled in |stage \d+: |  (collected|decoder epoch)", line):
+            print(f"  {lines[-1][0]:7.1f} s  {line.strip()}", file=sys.stderr, flush=True)
+    returncode = process.wait()
+    timer.cancel()
+    return lines, None if time.perf_counter() - begin >= timeout else returncode
+
+
+def time_of(lines, pattern):
+    """The time of the first console line that matches `pattern`."""
+    matches = [t for t, line in lines if re.search(pattern, line)]
+    if not matches:
+        raise RuntimeError(
+            f"no line matched {pattern!r}; the run's console ended:\n" + "\n".join(line for _, line in lines[-20:])
+        )
+    return matches[0]
+
+
+def measure_cost(algo, env_id, preset, sizes, timeout):
+    """Run the script at the preset's sizes for the measurement's few iterations and time its phases from its console:
+    start-up (process start to the end of the first iteration, less one iteration), the two timed iterations, an
+    evaluation with its checkpoint, and GoRL's stage change, which is projected to the preset's dataset and epochs."""
+    per_iteration = sizes["steps_per_iteration"]
+    with tempfile.TemporaryDirectory() as run_dir:
+        command = [*cell_command(preset, algo, env_id, 1, run_dir)[:-2], "--run-dir", run_dir]
+        command += map(str, measurement_arguments(algo, sizes))
+        lines, returncode = time_lines(command, timeout)
+        if returncode != 0:
+            reason = f"ran past {timeout:.0f} s" if returncode is None else f"exited with {returncode}"
+            raise RuntimeError(f"{shlex.join(command)} {reason}:\n" + "\n".join(line for _, line in lines[-20:]))
+        (run_name,) = os.listdir(run_dir)
+        with open(os.path.join(run_dir, run_name, "summary.json")) as f:
+            summary = json.load(f)
+    # Each iteration line gives its iteration's own time (its SPS), which leaves out the evaluation and checkpoint
+    # that may follow it.
+    iteration_s = [
+        per_iteration / float(match.group(2).replace(",", ""))
+        for match in (re.search(r"iter +(\d+)/\d+ .* SPS +([\d,]+)", line) for _, line in lines)
+        if match
+    ][:3]
+    timed = iteration_s[1:3]
+    mean_iteration = sum(timed) / 2
+    iteration_ends = [time_of(lines, rf"^(stage 0 )?iter +{i}/") for i in (1, 2, 3)]
+    cost = {
+        "device": summary["device"],
+        "startup_s": iteration_ends[0] - iteration_s[0],
+        "iteration_s": mean_iteration,
+        "iteration_spread": abs(timed[0] - timed[1]) / mean_iteration,
+        "train_sps": per_iteration / mean_iteration,
+        # The evaluation after iteration 2 and the checkpoint after it: what lies between two iterations' ends
+        "evaluation_s": iteration_ends[2] - iteration_ends[1] - iteration_s[2],
+        "peak_memory_bytes": summary["peak_device_memory_bytes"] or summary["peak_resident_memory_bytes"],
+        "memory_of": "the device's" if summary["peak_device_memory_bytes"] else "the process's resident memory",
+    }
+    if algo.startswith("gorl"):
+        collected = [time_of(lines, rf"collected rollout {i}/") for i in (1, 2)]
+        epochs = [time_of(lines, rf"decoder epoch +{i}/") for i in (1, 2)]
+        change_end = time_of(lines, r"^stage 1: warm start")
+        dataset = min(sizes["decoder_dataset_size"], ESTIMATE_DECODER_ROLLOUTS * per_iteration)
+        cost.update(
+            collection_rollout_s=collected[1] - collected[0],
+            # the second epoch (the first compiles), scaled to the preset's pairs: an epoch is one pass over them
+            decoder_epoch_s=(epochs[1] - epochs[0]) * sizes["decoder_dataset_size"] / dataset,
+            # what follows the last epoch: the kept decoder's held-out loss, the restart, the two warm-start evaluations
+            stage_change_rest_s=change_end - epochs[1],
+            measured_stage_change_s=summary["stages"][1]["transition_time_s"],
+        )
+        cost["stage_change_s"] = (
+            sizes["collection_rollouts"] * cost["collection_rollout_s"]
+            + sizes["decoder_epochs"] * cost["decoder_epoch_s"]
+            + cost["stage_change_rest_s"]
+        )
+    return cost
+
+
+def projected_run_s(sizes, cost):
+    """A whole run's seconds at the measured rates: start-up, every iteration, every evaluation after the first and
+    GoRL's stage changes (each with every decoder epoch: early stopping can only shorten it)."""
+    seconds = cost["startup_s"] + sum(sizes["stage_iterations"]) * cost["iteration_s"]
+    seconds += evaluations_after_start(sizes) * cost["evaluation_s"]
+    return seconds + (len(sizes["stage_iterations"]) - 1) * cost.get("stage_change_s", 0.0)
+
+
+def wall_hours(run_hours, jobs):
+    """The grid's wall hours with `jobs` runs at a time, longest runs first (each job at the measured rate)."""
+    slots = [0.0] * jobs
+    for hours in sorted(run_hours, reverse=True):
+        slots[slots.index(min(slots))] += hours
+    return max(slots)
+
+
+def estimate(args):
+    algos = [a for a in (args.algos or ALGOS) if os.path.exists(os.path.join(ROOT, f"{a}.py"))]
+    env_ids, seeds = args.env_ids or PRESETS[args.preset]["env_ids"], args.seeds or PRESETS[args.preset]["seeds"]
+    sys.path.insert(0, ROOT)
+    deadline, rows = time.perf_counter() + args.timeout, []
+    for env_id in env_ids:
+        for algo in algos:
+            sizes = run_sizes(args.preset, algo, env_id)
+            row = {"algo": algo, "env_id": env_id, "sizes": sizes, "runs": len(seeds)}
+            left = deadline - time.perf_counter()
+            print(f"measuring {algo} on {env_id} ({left:.0f} s left)...", file=sys.stderr, flush=True)
+            try:
+                if left < 1:
+                    raise RuntimeError(f"not measured: --timeout {args.timeout} s was spent")
+                row["cost"] = measure_cost(algo, env_id, args.preset, sizes, left)
+                row["run_hours"] = projected_run_s(sizes, row["cost"]) / 3600
+            except (RuntimeError, ValueError) as error:
+                row["error"] = str(error)
+                print(f"error: {algo} on {env_id}: {error}", file=sys.stderr, flush=True)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    run_hours = [row["run_hours"] for row in rows if "run_hours" in row for _ in seeds]
+    result = {
+        "preset": args.preset,
+        "seeds": list(seeds),
+        "jobs": args.jobs,
+        "rows": rows,
+        "grid_run_hours": sum(run_hours),
+        "grid_wall_hours": wall_hours(run_hours, args.jobs),
+        "complete": all("run_hours" in row for row in rows),
+    }
+    out = os.path.abspath(args.out or os.path.join(ROOT, "benchmark_results", f"estimate_{args.preset}"))
+    os.makedirs(out, exist_ok=True)
+    table = estimate_table(result)
+    for name, text in (("estimate.json", json.dumps(result, indent=2)), ("estimate.md", table + "\n")):
+        with open(os.path.join(out, name), "w") as f:
+            f.write(text)
+    print(table)
+    print(f"\nwritten: {os.path.join(out, 'estimate.md')} and estimate.json")
+    if not result["complete"]:
+        sys.exit(f"error: {sum('error' in row for row in rows)} rows were not measured; the totals leave them out")
+
+
+ESTIMATE_COLUMNS = (  # (header, cost key, format) after algorithm and task
+    ("start-up (s)", "startup_s", ".0f"),
+    ("training env steps/s", "train_sps", ",.0f"),
+    ("iteration (s)", "iteration_s", ".1f"),
+    ("two iterations differ by", "iteration_spread", ".1%"),
+    ("evaluation + checkpoint (s)", "evaluation_s", ".1f"),
+    ("GoRL stage change (s)", "stage_change_s", ".0f"),
+    ("peak memory (GiB)", "peak_memory_gib", ".2f"),
+)
+
+
+def duration(hours):
+    """Hours as h:mm:ss (and in days from two days on): what a run or a grid takes."""
+    seconds = round(hours * 3600)
+    text = f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    return text + (f" ({hours / 24:.1f} days)" if hours >= 48 else "")
+
+
+def estimate_table(result):
+    measured = [row for row in result["rows"] if "cost" in row]
+    devices = sorted({row["cost"]["device"] for row in measured})
+    memory = sorted({row["cost"]["memory_of"] for row in measured})
+    lines = [
+        f"Estimate of the {result['preset']} preset on {', '.join(devices) or 'no device'}: each script run at the "
+        f"preset's sizes for 3 iterations (the first, then two timed) and an evaluation; GoRL also one stage change on "
+        f"at most {ESTIMATE_DECODER_ROLLOUTS} rollouts of data and 2 decoder epochs, projected linearly to the "
+        f"preset's dataset and every epoch. A run's time assumes the measured rates hold for all of it. Peak memory: "
+        f"{' / '.join(memory)} (GoRL's with the measured, smaller dataset).",
+        "",
+        "| algorithm | task | "
+        + " | ".join(header for header, _, _ in ESTIMATE_COLUMNS)
+        + " | per run (h:mm:ss) | runs |",
+        "|---|---|" + "---:|" * (len(ESTIMATE_COLUMNS) + 2),
+    ]
+    for row in result["rows"]:
+        if "cost" in row:
+            cost = {**row["cost"], "peak_memory_gib": row["cost"]["peak_memory_bytes"] / 2**30}
+            cells = ["" if cost.get(key) is None else format(cost[key], spec) for _, key, spec in ESTIMATE_COLUMNS]
+            cells.append(duration(row["run_hours"]))
+        else:
+            cells = ["not measured"] * len(ESTIMATE_COLUMNS) + [""]
+        lines.append(f"| {ALGO_NAMES[row['algo']]} | {row['env_id']} | " + " | ".join(cells) + f" | {row['runs']} |")
+    lines += [
+        "",
+        f"Grid: {result['grid_run_hours']:.1f} run-hours; {duration(result['grid_wall_hours'])} of wall time with "
+        f"--jobs {result['jobs']} (longest runs first, each job at the measured rate: one device per job)"
+        + ("" if result["complete"] else "; rows not measured are left out"),
+    ]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -828,6 +1085,18 @@ def main(argv=None):
     )
     speed_parser.add_argument("--out", help="also write the measurements to this JSON file")
     speed_parser.add_argument("--timeout", type=int, default=3600, help="seconds allowed per measurement")
+    estimate_parser = commands.add_parser(
+        "estimate", help="measure a preset's runs for a few iterations here and project the grid's hours"
+    )
+    estimate_parser.add_argument("--preset", choices=list(PRESETS), required=True)
+    estimate_parser.add_argument("--algos", nargs="+", choices=ALGOS, help="default: every algorithm script present")
+    estimate_parser.add_argument("--env-ids", nargs="+", help="default: the preset's tasks")
+    estimate_parser.add_argument("--seeds", nargs="+", type=int, help="default: the preset's seeds (runs per cell)")
+    estimate_parser.add_argument("--jobs", type=int, default=1, help="runs at a time, for the grid's wall hours")
+    estimate_parser.add_argument("--out", help="default: benchmark_results/estimate_PRESET")
+    estimate_parser.add_argument(
+        "--timeout", type=float, default=600, help="seconds for the whole estimate (default 600); rows left unmeasured"
+    )
     cell_parser = commands.add_parser("_cell")  # one run of a grid, new or resumed (used by --slurm's array tasks)
     for name in ("preset", "algo", "env_id", "seed", "out"):
         cell_parser.add_argument(name, type=int if name == "seed" else str)
@@ -844,6 +1113,10 @@ def main(argv=None):
         summarize_folder(args.folder, args.out or args.folder)
     elif args.command == "speed":
         speed(args)
+    elif args.command == "estimate":
+        if args.jobs < 1 or args.timeout <= 0:
+            parser.error("--jobs and --timeout must be positive")
+        estimate(args)
     elif args.command == "_cell":
         command = cell_command(args.preset, args.algo, args.env_id, args.seed, args.out)
         os.execv(command[0], command)

@@ -8,6 +8,9 @@
 #   bash benchmark.sh speed [--scripts ...] [--env-ids ...] [--impls jax warp] [--measure ...] [--out FILE]
 #       env steps per second of every script: training, rollout alone, pure MJX stepping (256 envs), and the
 #       start-up to the end of iteration 2, cold and with a warm cache (--measure stepping training startup: the default)
+#   bash benchmark.sh estimate --preset {paper,cpu,smoke} [--algos ...] [--env-ids ...] [--seeds ...] [--jobs N]
+#       run each script of the preset for 3 iterations at the preset's sizes here, then print (and write to
+#       OUT/estimate.json) start-up, env steps/s, GoRL's stage change, peak memory, hours per run and the grid's hours
 # JAX's persistent compilation cache is on (MJX programs take tens of seconds to compile on a CPU).
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -350,3 +350,92 @@ def test_aggregate_needs_a_task_every_algorithm_ran(tmp_path):
     assert "No task has runs of every algorithm, so there is no aggregate." in markdown
     assert read_json(tmp_path / "summary" / "results.json")["aggregate"]["algos"] == {}
     assert not (tmp_path / "summary" / "performance_profile.png").exists()
+
+
+# estimate: the projection of a preset's runs from a few measured iterations
+
+
+@pytest.mark.parametrize("preset", ["smoke", "cpu", "paper"])
+def test_estimate_counts_the_evaluations_the_scripts_make(preset):
+    """The projection's count of evaluations follows the scripts' own rule (Run.evaluation_due: a multiple of
+    --eval-interval crossed, or a stage's last iteration), at every preset's sizes: GoRL's stages end between the
+    paper's 6M-step evaluations."""
+    import types
+
+    import ppo_continuous
+
+    for algo in benchmark.ALGOS:
+        sizes = benchmark.run_sizes(preset, algo, "CartpoleSwingup")
+        run = types.SimpleNamespace(args=types.SimpleNamespace(eval_interval=sizes["eval_interval"]), env_steps=0)
+        run.args.num_envs, run.args.rollout_length = 1, sizes["steps_per_iteration"]
+        evaluations = 0
+        for iterations in sizes["stage_iterations"]:
+            run.last_iteration = iterations
+            for run.iteration in range(1, iterations + 1):
+                run.env_steps += sizes["steps_per_iteration"]
+                evaluations += ppo_continuous.Run.evaluation_due(run)
+        assert benchmark.evaluations_after_start(sizes) == evaluations, algo
+    if preset == "smoke":  # the learning runs' eval.csv: 6 rows, the first at step 0
+        assert evaluations == 5
+
+
+def test_estimate_takes_the_gorl_sizes_from_the_script():
+    sizes = benchmark.run_sizes("paper", "gorl_ppo_fm", "CheetahRun")
+    assert sizes["steps_per_iteration"] == 2048 * 480 and sizes["stage_iterations"] == [61, 61, 30, 30]
+    assert sizes["collection_rollouts"] == 11 and sizes["decoder_dataset_size"] == 10_000_000
+    assert sizes["decoder_epochs"] == 50
+    assert benchmark.run_sizes("paper", "ppo_continuous", "CheetahRun")["stage_iterations"] == [183]
+
+
+def test_projection_adds_every_phase_and_the_grid_packs_its_runs_longest_first():
+    sizes = {"steps_per_iteration": 10, "stage_iterations": [4, 2], "eval_interval": 20}
+    cost = {"startup_s": 100.0, "iteration_s": 5.0, "evaluation_s": 3.0, "stage_change_s": 50.0}
+    # 6 iterations, evaluations at steps 20, 40 (stage 0's end) and 60 (stage 1's end), one stage change
+    assert benchmark.projected_run_s(sizes, cost) == 100.0 + 6 * 5.0 + 3 * 3.0 + 50.0
+    assert benchmark.wall_hours([2.0, 3.0, 2.0, 3.0, 2.0], 2) == 7.0  # longest first: 3 + 2 + 2 and 3 + 2
+    assert benchmark.wall_hours([3.0, 3.0, 2.0, 2.0, 2.0], 1) == 12.0
+    assert benchmark.wall_hours([5.0, 1.0], 4) == 5.0
+    assert benchmark.duration(100.5) == "100:30:00 (4.2 days)" and benchmark.duration(0.0125) == "0:00:45"
+
+
+@pytest.mark.slow
+def test_estimate_of_the_smoke_preset_matches_the_smoke_runs(learning_runs, tmp_path):
+    """The smoke preset's estimate, made here from 3 iterations (GoRL: and a stage change on a smaller dataset), against
+    the same runs made in full (the learning runs): what follows start-up (iterations, evaluations, stage changes)
+    within a factor of 1.5 either way of the run's wall time after its compilation. Start-up itself is compared with
+    nothing: it depends on whether the compilation cache holds the programs (the learning runs may start cold)."""
+    algos = [a for a in ("ppo_continuous", "gorl_ppo_fm") if f"{a}.py" in SCRIPTS]
+    result = run_benchmark(
+        "estimate", "--preset", "smoke", "--algos", *algos, "--out", tmp_path, "--timeout", 1200, timeout=1500
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    estimate = read_json(tmp_path / "estimate.json")
+    assert estimate["complete"] and [row["algo"] for row in estimate["rows"]] == algos
+    for row in estimate["rows"]:
+        summary = read_json(os.path.join(learning_runs(f"{row['algo']}.py")[0], "summary.json"))
+        measured = summary["wall_time_s"] - summary["compile_time_s"]
+        projected = row["run_hours"] * 3600 - row["cost"]["startup_s"]
+        assert measured / 1.5 < projected < measured * 1.5, (row["algo"], projected, measured, row["cost"])
+        assert row["cost"]["device"] == "cpu" and row["cost"]["peak_memory_bytes"] > 2**28
+        assert row["cost"]["startup_s"] > 0 and row["cost"]["iteration_s"] > 0
+    gorl = [row for row in estimate["rows"] if row["algo"] == "gorl_ppo_fm"]
+    if gorl:  # 3 collection rollouts of 15,360 steps and 15 epochs on 40,000 pairs, projected from 2 and 2 on 30,720
+        cost = gorl[0]["cost"]
+        assert cost["stage_change_s"] == pytest.approx(
+            3 * cost["collection_rollout_s"] + 15 * cost["decoder_epoch_s"] + cost["stage_change_rest_s"]
+        )
+    assert estimate["grid_run_hours"] == pytest.approx(sum(row["run_hours"] for row in estimate["rows"]))
+    table = (tmp_path / "estimate.md").read_text()
+    assert "| PPO | CartpoleSwingup |" in table and "run-hours" in table
+
+
+@pytest.mark.slow
+def test_estimate_past_its_timeout_says_what_it_left_unmeasured(tmp_path):
+    result = run_benchmark(
+        "estimate", "--preset", "smoke", "--algos", "ppo_continuous", "--out", tmp_path, "--timeout", 2, timeout=120
+    )
+    assert result.returncode != 0 and "1 rows were not measured" in result.stderr
+    estimate = read_json(tmp_path / "estimate.json")
+    assert not estimate["complete"] and "run_hours" not in estimate["rows"][0]
+    assert "ran past" in estimate["rows"][0]["error"] or "was spent" in estimate["rows"][0]["error"]
+    assert "not measured" in (tmp_path / "estimate.md").read_text()
