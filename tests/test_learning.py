@@ -63,7 +63,7 @@ def test_behavioural_warm_start(script, learning_runs):
 def test_restarted_encoder_learns(script, learning_runs):
     """Each stage after a restart moves the encoder away from the N(0, I) prior it restarted at: its KL from the prior,
     measured in the updates of the stage's last iteration, is clearly above zero, where a frozen encoder keeps it. Seeds
-    1 to 3 of both GoRL scripts ended their later stages at 0.007 to 0.092 (0.001 to 0.007 after their first iteration)."""
+    1 to 3 of both GoRL scripts ended their later stages at 0.007 to 0.096 (0.001 to 0.008 after their first iteration)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_path, _ = learning_runs(script)
