@@ -965,23 +965,26 @@ def estimate(args):
     algos = [a for a in (args.algos or ALGOS) if os.path.exists(os.path.join(ROOT, f"{a}.py"))]
     env_ids, seeds = args.env_ids or PRESETS[args.preset]["env_ids"], args.seeds or PRESETS[args.preset]["seeds"]
     sys.path.insert(0, ROOT)
-    deadline, rows = time.perf_counter() + args.timeout, []
-    for env_id in env_ids:
-        for algo in algos:
-            sizes = run_sizes(args.preset, algo, env_id)
-            row = {"algo": algo, "env_id": env_id, "sizes": sizes, "runs": len(seeds)}
-            left = deadline - time.perf_counter()
-            print(f"measuring {algo} on {env_id} ({left:.0f} s left)...", file=sys.stderr, flush=True)
-            try:
-                if left < 1:
-                    raise RuntimeError(f"not measured: --timeout {args.timeout} s was spent")
-                row["cost"] = measure_cost(algo, env_id, args.preset, sizes, left)
-                row["run_hours"] = projected_run_s(sizes, row["cost"]) / 3600
-            except (RuntimeError, ValueError) as error:
-                row["error"] = str(error)
-                print(f"error: {algo} on {env_id}: {error}", file=sys.stderr, flush=True)
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+    # Every cell's sizes first, as its script checks them: a bad argument stops the estimate before anything runs.
+    rows = [
+        {"algo": algo, "env_id": env_id, "sizes": run_sizes(args.preset, algo, env_id), "runs": len(seeds)}
+        for env_id in env_ids
+        for algo in algos
+    ]
+    deadline = time.perf_counter() + args.timeout
+    for row in rows:
+        algo, env_id = row["algo"], row["env_id"]
+        left = deadline - time.perf_counter()
+        print(f"measuring {algo} on {env_id} ({left:.0f} s left)...", file=sys.stderr, flush=True)
+        try:
+            if left < 1:
+                raise RuntimeError(f"not measured: --timeout {args.timeout} s was spent")
+            row["cost"] = measure_cost(algo, env_id, args.preset, row["sizes"], left)
+            row["run_hours"] = projected_run_s(row["sizes"], row["cost"]) / 3600
+        except (RuntimeError, ValueError) as error:
+            row["error"] = str(error)
+            print(f"error: {algo} on {env_id}: {error}", file=sys.stderr, flush=True)
+        print(json.dumps(row), file=sys.stderr, flush=True)
     run_hours = [row["run_hours"] for row in rows if "run_hours" in row for _ in seeds]
     result = {
         "preset": args.preset,

@@ -439,3 +439,10 @@ def test_estimate_past_its_timeout_says_what_it_left_unmeasured(tmp_path):
     assert not estimate["complete"] and "run_hours" not in estimate["rows"][0]
     assert "ran past" in estimate["rows"][0]["error"] or "was spent" in estimate["rows"][0]["error"]
     assert "not measured" in (tmp_path / "estimate.md").read_text()
+
+
+@pytest.mark.slow
+def test_estimate_refuses_a_bad_task_before_measuring_anything(tmp_path):
+    result = run_benchmark("estimate", "--preset", "smoke", "--env-ids", "CartpoleSwingup", "Nope", "--out", tmp_path)
+    assert result.returncode != 0 and "unknown --env-id 'Nope'" in result.stderr
+    assert "measuring" not in result.stderr and not os.listdir(tmp_path)
