@@ -852,12 +852,16 @@ def measurement_arguments(algo, sizes):
     arguments = ["--eval-interval", 2 * steps]
     if not algo.startswith("gorl"):
         return [*arguments, "--total-timesteps", 3 * steps]
-    dataset = min(sizes["decoder_dataset_size"], ESTIMATE_DECODER_ROLLOUTS * steps)
     return [
         *arguments,
         *("--stage-timesteps", 3 * steps, steps),
-        *("--decoder-dataset-size", dataset, "--decoder-epochs", 2, "--decoder-patience", 2),
+        *("--decoder-dataset-size", measured_dataset(sizes), "--decoder-epochs", 2, "--decoder-patience", 2),
     ]
+
+
+def measured_dataset(sizes):
+    """The (state, action) pairs GoRL's measured stage change collects and fits: the preset's, at most two rollouts."""
+    return min(sizes["decoder_dataset_size"], ESTIMATE_DECODER_ROLLOUTS * sizes["steps_per_iteration"])
 
 
 def time_lines(command, timeout):
@@ -903,24 +907,23 @@ def measure_cost(algo, env_id, preset, sizes, timeout):
         (run_name,) = os.listdir(run_dir)
         with open(os.path.join(run_dir, run_name, "summary.json")) as f:
             summary = json.load(f)
-    # Each iteration line gives its iteration's own time (its SPS), which leaves out the evaluation and checkpoint
-    # that may follow it.
-    iteration_s = [
-        per_iteration / float(match.group(2).replace(",", ""))
-        for match in (re.search(r"iter +(\d+)/\d+ .* SPS +([\d,]+)", line) for _, line in lines)
+    # (when its line was printed, its own seconds from its SPS) for each of the first three iterations: its own time
+    # leaves out the evaluation and checkpoint that may follow it.
+    iterations = [
+        (t, per_iteration / float(match.group(1).replace(",", "")))
+        for t, match in ((t, re.match(r"(?:stage 0 )?iter .* SPS +([\d,]+)", line)) for t, line in lines)
         if match
-    ][:3]
-    timed = iteration_s[1:3]
-    mean_iteration = sum(timed) / 2
-    iteration_ends = [time_of(lines, rf"^(stage 0 )?iter +{i}/") for i in (1, 2, 3)]
+    ]
+    (end_1, own_1), (end_2, own_2), (end_3, own_3) = iterations[:3]
+    mean_iteration = (own_2 + own_3) / 2
     cost = {
         "device": summary["device"],
-        "startup_s": iteration_ends[0] - iteration_s[0],
+        "startup_s": end_1 - own_1,
         "iteration_s": mean_iteration,
-        "iteration_spread": abs(timed[0] - timed[1]) / mean_iteration,
+        "iteration_spread": abs(own_2 - own_3) / mean_iteration,
         "train_sps": per_iteration / mean_iteration,
         # The evaluation after iteration 2 and the checkpoint after it: what lies between two iterations' ends
-        "evaluation_s": iteration_ends[2] - iteration_ends[1] - iteration_s[2],
+        "evaluation_s": end_3 - end_2 - own_3,
         "peak_memory_bytes": summary["peak_device_memory_bytes"] or summary["peak_resident_memory_bytes"],
         "memory_of": "the device's" if summary["peak_device_memory_bytes"] else "the process's resident memory",
     }
@@ -928,11 +931,10 @@ def measure_cost(algo, env_id, preset, sizes, timeout):
         collected = [time_of(lines, rf"collected rollout {i}/") for i in (1, 2)]
         epochs = [time_of(lines, rf"decoder epoch +{i}/") for i in (1, 2)]
         change_end = time_of(lines, r"^stage 1: warm start")
-        dataset = min(sizes["decoder_dataset_size"], ESTIMATE_DECODER_ROLLOUTS * per_iteration)
         cost.update(
             collection_rollout_s=collected[1] - collected[0],
             # the second epoch (the first compiles), scaled to the preset's pairs: an epoch is one pass over them
-            decoder_epoch_s=(epochs[1] - epochs[0]) * sizes["decoder_dataset_size"] / dataset,
+            decoder_epoch_s=(epochs[1] - epochs[0]) * sizes["decoder_dataset_size"] / measured_dataset(sizes),
             # what follows the last epoch: the kept decoder's held-out loss, the restart, the two warm-start evaluations
             stage_change_rest_s=change_end - epochs[1],
             measured_stage_change_s=summary["stages"][1]["transition_time_s"],

@@ -1207,8 +1207,7 @@ class Run:
         program = self.workers.submit(jax.jit(train_iteration, donate_argnums=0).lower(*example_args).compile)
         self.log_first_evaluation()
         compiled = program.result()
-        self.compile_time = time.time() - self.compile_start
-        print(f"compiled in {self.compile_time:.1f} s")
+        self.log_compile_time()
         return compiled
 
     def compile_in_background(self, function, *example_args):
@@ -1222,6 +1221,11 @@ class Run:
         if self.first_evaluation is not None:
             self.log_evaluation(*self.first_evaluation.result())
             self.first_evaluation = None
+
+    def log_compile_time(self):
+        """Start-up is over: from the first trace to the training program compiled (or the run's one evaluation)."""
+        self.compile_time = time.time() - self.compile_start
+        print(f"compiled in {self.compile_time:.1f} s")
 
     # Evaluations
 
@@ -1383,8 +1387,7 @@ class Run:
         """Write summary.json: the final evaluation's figures, the run's clocks and the script's own `summary`."""
         if self.first_evaluation is not None:  # no training: the run was its evaluation
             self.log_first_evaluation()
-            self.compile_time = time.time() - self.compile_start
-            print(f"compiled in {self.compile_time:.1f} s")
+            self.log_compile_time()
         final_steps, final_mean, final_std, other_mean, other_std = self.eval_rows[-1]
         device = jax.devices()[0]
         summary = {
