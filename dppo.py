@@ -83,8 +83,9 @@ DENOISED_CLIP = 3.0  # clip of the denoised estimate of x_0 (pre-tanh)
 
 @dataclass
 class Args:
-    exp_name: str = ALGO
-    """the name of this experiment (part of the run folder's name)"""
+    exp_name: str = os.path.basename(__file__).removesuffix(".py")
+    """the name of this experiment (part of the run folder's name): by default the script's file name, so that the runs
+    of a copy stand apart from its original's"""
     seed: int = 1
     """seed of the experiment: every random draw of the run derives from it"""
     env_id: str = "CheetahRun"
@@ -1002,7 +1003,7 @@ class Run:
 
     def log_iteration(self, metrics):
         """Log the iteration's metrics (their copy to the host is the one sync of an iteration) and its speed; stop the
-        run where a loss or a parameter is not finite."""
+        run where a loss or a parameter is not finite. Returns the metrics, on the host."""
         metrics = jax.device_get(metrics)
         steps_per_iteration = self.args.num_envs * self.args.rollout_length
         iteration_time = time.time() - self.iteration_start
@@ -1015,7 +1016,10 @@ class Run:
                 f"error: non-finite loss or parameters at {label}iteration {self.iteration} (env step "
                 f"{self.env_steps:,}); training stopped, the logs and the last saved model in {self.path} are kept"
             )
-        self.log_scalars("losses", {k: v for k, v in metrics.items() if k not in ("finite", "train_episode_return")})
+        skipped = ("finite", "train_episode_return", "settings")
+        self.log_scalars("losses", {k: v for k, v in metrics.items() if k not in skipped})
+        # GoRL's stage settings, as this iteration's update received them: the logs say what ran.
+        self.log_scalars("stage", metrics.get("settings", {}))
         if np.isfinite(metrics["train_episode_return"]):
             self.writer.add_scalar("charts/episodic_return", metrics["train_episode_return"], self.env_steps)
         self.writer.add_scalar("charts/SPS", steps_per_iteration / iteration_time, self.env_steps)
@@ -1023,6 +1027,7 @@ class Run:
             f"{label}iter {self.iteration:>4}/{self.last_iteration} | step {self.env_steps:>12,} | loss "
             f"{metrics['loss']:8.4f} | SPS {steps_per_iteration / iteration_time:9,.0f}"
         )
+        return metrics
 
     def log_scalars(self, prefix, values):
         for name, value in values.items():

@@ -8,7 +8,9 @@ latent space while a frozen generative decoder maps (state, latent) to the pre-t
     restart the encoder at N(0, I).
 The new decoder turns prior samples into the actions the old policy took, so the restarted policy behaves like the
 old one (the behavioural warm start) while its latent space is free again to explore. Stage 0's decoder is an exact
-identity, so stage 0 is Gaussian PPO. The whole stage loop runs in one process and one JAX runtime.
+identity, so stage 0 is Gaussian PPO in form, though not ppo_continuous.py's: its clip, gradient clip, latent
+regulariser, entropy (without the tanh term) and start at N(0, I) are GoRL's. The whole stage loop runs in one process
+and one JAX runtime.
 
     python gorl_ppo_diffusion.py --env-id HopperStand      # the paper's configuration: 60M + 60M + 30M + 30M steps
 
@@ -75,8 +77,9 @@ NUM_HISTOGRAM_ACTIONS = 10_000  # actions sampled at one fixed state at the end 
 
 @dataclass
 class Args:
-    exp_name: str = ALGO
-    """the name of this experiment (part of the run folder's name)"""
+    exp_name: str = os.path.basename(__file__).removesuffix(".py")
+    """the name of this experiment (part of the run folder's name): by default the script's file name, so that the runs
+    of a copy stand apart from its original's"""
     seed: int = 1
     """seed of the experiment: every random draw of the run derives from it"""
     env_id: str = "CheetahRun"
@@ -95,7 +98,9 @@ class Args:
     """minutes between checkpoints besides the one at every evaluation (SIGTERM and SIGINT also write one)"""
     load_model: Optional[str] = None
     """start from a `model.msgpack` saved by this script, counting env steps on from the step it was saved at; with
-    `--stage-timesteps 0` it is only evaluated (on the episodes its own run evaluated it on)"""
+    `--stage-timesteps 0` it is only evaluated (on the episodes its own run evaluated it on). Trained, it is stage 0:
+    its encoder (not the prior), critic, observation statistics and decoder go on with stage 0's settings, a fresh
+    optimiser and freshly reset envs, and every stage of --stage-timesteps follows"""
     capture_video: bool = False
     """at every evaluation, render the first episode of the evaluated policy (in the mode its return is reported in)
     to videos/{env steps}.mp4 in the run folder and to TensorBoard, and at each stage change the policy before and
@@ -151,8 +156,10 @@ class Args:
     max_grad_norm: tuple[float, float] = (0.5, 1.0)
     """global gradient-norm clip in stage 0 and in later stages"""
     latent_reg: Literal["l2", "kl"] = "l2"
-    """pull of the encoder toward the N(0, I) prior: `l2` = mean(mu^2) + mean(sigma^2) (the authors' code, which the
-    paper's numbers came from), `kl` = KL(pi(z | s) || N(0, I)) summed over latent dimensions (the paper's text)"""
+    """the encoder's regulariser (GoRL Eq. 3): `l2` = mean(mu^2) + mean(sigma^2) (the authors' code, which the paper's
+    numbers came from), smallest at sigma -> 0, so it shrinks the latent std as well as the mean; `kl` = KL(pi(z | s) ||
+    N(0, I)) summed over latent dimensions (the paper's text), a pull toward the prior. `l2` averages over the A latent
+    dimensions where `kl` sums them, so at one --latent-reg-coef `kl` pulls the mean A/2 times as hard"""
     latent_reg_coef: Optional[tuple[float, float]] = None
     """coefficient of the latent regulariser in stage 0 and in later stages; default per task: 5e-4 and 1e-3, 0 and 1e-3
     on BallInCup"""
@@ -211,7 +218,8 @@ def gaussian_entropy(std):
 
 
 def latent_regularizer(mean, std, kind):
-    """How far the latent policy has drifted from the N(0, I) prior the decoder was trained on (GoRL Eq. 3)."""
+    """The latent regulariser (GoRL Eq. 3): `kl`, the latent policy's KL from the N(0, I) prior the decoder was trained
+    on; `l2`, the authors' mean(mu^2) + mean(sigma^2), which is smallest at sigma -> 0, not at the prior."""
     if kind == "kl":
         return jnp.mean(jnp.sum(0.5 * (mean**2 + std**2 - 1.0) - jnp.log(std), axis=-1))
     return jnp.mean(mean**2) + jnp.mean(std**2)
@@ -586,6 +594,7 @@ def make_train_iteration(rollout, update):
         # observations are folded in afterwards.
         obs_stats = update_running_stats(state.obs_stats, transitions.obs)
         metrics["train_episode_return"] = jnp.nanmean(finished_returns)
+        metrics["settings"] = settings._asdict()  # what the logs report: the settings this update received
         metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.all(
             jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)])
         )
@@ -770,9 +779,11 @@ def model_of(state, decoder):
 
 
 def restart_encoder(state, prior, carry, optimizer):
-    """The next stage's training state: the encoder at the prior (`prior`: its parameters; GoRL Eq. 2) with a fresh
-    optimiser. The critic and the observation statistics carry over, since the warm-started policy behaves like the one
-    they were fitted to; the envs go on from `carry`, where the data collection left them."""
+    """The next stage's training state: the encoder at the prior (`prior`: its parameters, hidden layers drawn by
+    prior_params' key; GoRL Eq. 2) with a fresh optimiser. The critic and the observation statistics of `state`, the
+    finished stage's last, carry over: the critic was last fitted to the stage's final policy, which the warm-started
+    one imitates only where the distilled encoder was that final one. The envs go on from `carry`, where the data
+    collection left them."""
     params = {**state.params, "latent_policy": prior}
     return TrainState(params, optimizer.init(params), state.obs_stats, carry, state.key)
 
@@ -790,7 +801,7 @@ class StageLog:
         self.candidate = model
         if not args.resume:  # stage 0's evaluation at its first step is a candidate too, as in the authors' loop
             self.consider(0, run.eval_rows[-1][1], model)
-            run.log_scalars("stage", {"index": 0, **stage_settings(args, 0)._asdict()})
+            run.log_scalars("stage", {"index": 0})
 
     def consider(self, iteration, eval_return, model):
         """Keep the model just evaluated as the candidate if it is the stage's best so far (or with
@@ -802,6 +813,11 @@ class StageLog:
 
     def progress(self):
         return {"records": self.records, "distilled": self.distilled}
+
+    def record_settings(self, metrics):
+        """The stage's record keeps the settings its updates ran with, as the training iteration's metrics report them
+        (never worked out again here)."""
+        self.records[-1].update({name: float(value) for name, value in metrics["settings"].items()})
 
     def report_decoder_epoch(self, stage, epoch, train_loss, validation_loss, improved):
         step = (stage - 1) * self.args.decoder_epochs + epoch
@@ -830,9 +846,7 @@ class StageLog:
         }
         self.records.append({"stage": stage, **change})
         totals = {"dataset_size": self.args.decoder_dataset_size, "total_collection_env_steps": self.collected()}
-        self.run.log_scalars(
-            "stage", {"index": stage, **stage_settings(self.args, stage)._asdict(), **change, **totals}
-        )
+        self.run.log_scalars("stage", {"index": stage, **change, **totals})
         print(
             f"stage {stage}: warm start: stochastic return {change['stochastic_return_before']:.2f} before the "
             f"restart, {change['warm_start_return']:.2f} after; decoder fitted to the stage-{stage - 1} encoder of "
@@ -968,7 +982,7 @@ def main(args):
         settings = stage_settings(args, stage)
         for iteration in run.iterations(args.stage_iterations[stage], stage):
             state, metrics = train_iteration(state, decoder, settings)  # a rollout, then update_epochs passes over it
-            run.log_iteration(metrics)
+            stages.record_settings(run.log_iteration(metrics))
             if run.evaluation_due():
                 evaluated = model_of(state, decoder)
                 stages.consider(iteration, run.evaluate(evaluated), evaluated)
@@ -1329,7 +1343,7 @@ class Run:
 
     def log_iteration(self, metrics):
         """Log the iteration's metrics (their copy to the host is the one sync of an iteration) and its speed; stop the
-        run where a loss or a parameter is not finite."""
+        run where a loss or a parameter is not finite. Returns the metrics, on the host."""
         metrics = jax.device_get(metrics)
         steps_per_iteration = self.args.num_envs * self.args.rollout_length
         iteration_time = time.time() - self.iteration_start
@@ -1342,7 +1356,10 @@ class Run:
                 f"error: non-finite loss or parameters at {label}iteration {self.iteration} (env step "
                 f"{self.env_steps:,}); training stopped, the logs and the last saved model in {self.path} are kept"
             )
-        self.log_scalars("losses", {k: v for k, v in metrics.items() if k not in ("finite", "train_episode_return")})
+        skipped = ("finite", "train_episode_return", "settings")
+        self.log_scalars("losses", {k: v for k, v in metrics.items() if k not in skipped})
+        # GoRL's stage settings, as this iteration's update received them: the logs say what ran.
+        self.log_scalars("stage", metrics.get("settings", {}))
         if np.isfinite(metrics["train_episode_return"]):
             self.writer.add_scalar("charts/episodic_return", metrics["train_episode_return"], self.env_steps)
         self.writer.add_scalar("charts/SPS", steps_per_iteration / iteration_time, self.env_steps)
@@ -1350,6 +1367,7 @@ class Run:
             f"{label}iter {self.iteration:>4}/{self.last_iteration} | step {self.env_steps:>12,} | loss "
             f"{metrics['loss']:8.4f} | SPS {steps_per_iteration / iteration_time:9,.0f}"
         )
+        return metrics
 
     def log_scalars(self, prefix, values):
         for name, value in values.items():

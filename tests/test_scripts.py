@@ -163,12 +163,14 @@ def test_gorl_logs_its_stages(script, learning_runs):
         "losses/latent_kl",
         "stage/distilled_iteration",
     } <= tags
-    # Each stage's update ran with that stage's settings (the paper's: clip 0.15, then 0.3; ...).
+    # Each stage's updates ran with that stage's settings (the paper's: clip 0.15, then 0.3; ...), as every training
+    # iteration reports them, and each stage's record holds them.
     stage_starts = [0, 8 * N, 12 * N, 16 * N]
     for name, values in (("clip_eps", (0.15, 0.3)), ("max_grad_norm", (0.5, 1.0)), ("latent_reg_coef", (5e-4, 1e-3))):
         logged = events.Scalars(f"stage/{name}")
-        assert [e.step for e in logged] == stage_starts
-        assert [e.value for e in logged] == pytest.approx([values[0]] + [values[1]] * 3), name
+        assert [e.step for e in logged] == [i * N for i in range(1, 21)]
+        assert [e.value for e in logged] == pytest.approx([values[0]] * 8 + [values[1]] * 12), name
+        assert [s[name] for s in stages] == pytest.approx([values[0]] + [values[1]] * 3), name
     # The next decoder's data came from the stage's best encoder by deterministic evaluation (ties to the later).
     with open(os.path.join(run_path, "eval.csv")) as f:
         rows = [tuple(map(float, line.split(","))) for line in f.read().splitlines()[1:]]
