@@ -4,6 +4,7 @@ benchmark.sh's smoke preset) that the learning, end-to-end and benchmark tests a
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -63,6 +64,16 @@ def only_run_folder(run_dir):
 def read_json(path):
     with open(path) as f:
         return json.load(f)
+
+
+def documented_commands(page):
+    """The command lines a markdown page shows, backslash-continued lines joined: every line of its fenced code blocks,
+    then every inline code span of the rest (a span may wrap across lines)."""
+    with open(os.path.join(ROOT, page)) as f:
+        text = f.read().replace("\\\n", " ")
+    fence = re.compile(r"^ *```[^\n]*\n(.*?)^ *```", re.MULTILINE | re.DOTALL)
+    lines = [line for block in fence.findall(text) for line in block.splitlines()]
+    return lines + [span.replace("\n", " ") for span in re.findall(r"`([^`]+)`", fence.sub("", text))]
 
 
 @pytest.fixture(scope="session")
@@ -141,3 +152,28 @@ class ToyEnv:
         qpos = jnp.concatenate([step[None], position])
         obs = jnp.concatenate([qpos, jnp.ones(1)])
         return ToyState(ToyData(qpos, jnp.zeros((0, 3)), jnp.zeros((0, 4))), obs, reward, jnp.zeros(()))
+
+
+def acting_gorl_model(module, env, key):
+    """A GoRL script's networks for `env` and a model away from every special case: an encoder moved off the prior (its
+    mean and std vary with the state), observation statistics of data, and a decoder that is not the identity (random
+    weights and statistics of its own), so that the latent, the pre-tanh action and the env's action all differ."""
+    keys = iter(jax.random.split(key, 100))
+    networks, params = module.make_networks(env, next(keys))
+    decoder_network = networks[2]
+    params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(next(keys), x.shape), params)
+    obs_size, action_size = env.observation_size, env.action_size
+    stats = module.update_running_stats(
+        module.init_running_stats(obs_size), 2.0 + 3.0 * jax.random.normal(next(keys), (50, obs_size))
+    )
+    decoder_stats = module.update_running_stats(
+        module.init_running_stats(obs_size), jax.random.normal(next(keys), (50, obs_size))
+    )
+    decoder = module.identity_decoder(decoder_network, next(keys), obs_size, action_size)
+    decoder_params = decoder_network.init(
+        next(keys), jnp.zeros((1, obs_size)), jnp.zeros((1, action_size)), jnp.zeros((1, 1))
+    )
+    decoder = decoder._replace(params=decoder_params, obs_stats=decoder_stats)
+    if hasattr(decoder, "identity"):  # GoRL(Diff): a fitted decoder's flag is off
+        decoder = decoder._replace(identity=jnp.array(False))
+    return networks, {"params": params, "obs_stats": stats, "decoder": decoder}

@@ -1,5 +1,7 @@
 """dppo.py: the denoising chain's schedule, step likelihoods and ratios against closed forms."""
 
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,3 +87,18 @@ def test_deterministic_mode_is_dppos():
         expected = np.asarray(mean) + (0.0 if level == 1 else np.asarray(std) * noise)
         np.testing.assert_allclose(chain[:, i + 1], expected, rtol=1e-5, atol=1e-6)
     assert float(std.min()) < 0.1  # the posterior std below DPPO's sampling floor is kept
+
+
+def test_defaults_are_dppos_own_from_scratch_configuration():
+    """Adam at 1e-4 for the policy and 1e-3 for the critic, no gradient clipping, no entropy term, the discount 0.995 on
+    every task, clip 0.1 on every denoising step, denoising discount 0.99 over 20 steps; the other scripts' networks
+    (a 4 x 32 denoiser, a 5 x 256 critic), not DPPO's residual MLPs."""
+    for env_id in ("CheetahRun", "FingerSpin", "BallInCup"):
+        args = dppo.Args(env_id=env_id)
+        dppo.check_args(args)
+        assert args.gamma == 0.995, env_id
+    assert (args.learning_rate, args.critic_learning_rate, args.max_grad_norm) == (1e-4, 1e-3, float("inf"))
+    assert (args.clip_eps, args.denoising_gamma, dppo.NUM_DENOISING_STEPS) == (0.1, 0.99, 20)
+    assert "ent_coef" not in dppo.Args.__dataclass_fields__
+    (policy, critic), _ = dppo.make_networks(SimpleNamespace(observation_size=4, action_size=3), jax.random.key(0))
+    assert policy.hidden_sizes == (32,) * 4 and critic.layer_sizes == (256,) * 5 + (1,)

@@ -1,5 +1,7 @@
 """fpo.py: the flow policy's sampler, its per-pair losses and ratios against plain references."""
 
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,8 +52,30 @@ def test_euler_integration_of_a_linear_field_matches_a_hand_integration():
     )
 
 
-def test_policy_output_is_scaled_by_a_quarter():
-    policy, params, obs, _, _, _ = make_policy_and_batch(2)
+def test_policy_is_a_quarter_scaled_field_integrated_in_ten_euler_steps():
+    """The script's policy (make_networks) is the 4 x 32 field with its output scaled by 0.25, and its action is the
+    Euler integration of that field from the noise at t = 1 in 10 steps of 0.1, written out here."""
+    (policy, _), params = fpo.make_networks(SimpleNamespace(observation_size=4, action_size=3), jax.random.key(2))
+    assert policy.hidden_sizes == (32,) * 4
+    params = params["policy"]
+    obs = jnp.asarray(np.random.default_rng(2).normal(size=(5, 4)), jnp.float32)
     unscaled = fpo.ConditionalField((32,) * 4, 3, output_scale=1.0)
     x, t = jnp.ones((5, 3)), jnp.full((5, 1), 0.5)
     np.testing.assert_allclose(policy.apply(params, obs, x, t), 0.25 * unscaled.apply(params, obs, x, t), rtol=1e-6)
+    noise = jax.random.normal(jax.random.key(3), (5, 3))
+    x = noise
+    for k in range(10):
+        x = x - 0.1 * policy.apply(params, obs, x, jnp.full((5, 1), 1.0 - k / 10))
+    np.testing.assert_allclose(fpo.flow_action(policy, params, obs, noise), x, rtol=1e-5, atol=1e-6)
+
+
+def test_defaults_are_the_configuration_the_gorl_authors_ran():
+    """Adam at 3e-4 without gradient clipping, no entropy term, the discount 0.995 on every task (FingerSpin and
+    BallInCup included), clip 0.05, one ratio per (noise, time) pair, 8 pairs, log-ratios clipped to +-3."""
+    for env_id in ("CheetahRun", "FingerSpin", "BallInCup"):
+        args = fpo.Args(env_id=env_id)
+        fpo.check_args(args)
+        assert args.gamma == 0.995, env_id
+    assert (args.learning_rate, args.max_grad_norm, args.clip_eps, args.ratio) == (3e-4, float("inf"), 0.05, "per_pair")
+    assert "ent_coef" not in fpo.Args.__dataclass_fields__
+    assert (fpo.NUM_NOISE_PAIRS, fpo.NUM_FLOW_STEPS, fpo.LOG_RATIO_CLIP) == (8, 10, 3.0)

@@ -69,8 +69,9 @@ def two_sample_batch(module, params, networks, key):
         log_prob = module.gaussian_log_prob(sample, mean, std)
         if module is ppo_continuous:
             transitions = module.Transition(obs, sample, log_prob, reward, termination, truncation)
-        else:  # the identity decoder's action is the latent
-            transitions = module.Transition(obs, sample, log_prob, sample, reward, termination, truncation)
+        else:  # an action the decoder made of the latent, not the latent itself: the update must read the latent
+            action = 2.0 * sample + 1.0
+            transitions = module.Transition(obs, sample, log_prob, action, reward, termination, truncation)
 
         def likelihoods(params):
             mean, std = module.policy_distribution(policy.apply(params[name], obs))
@@ -144,11 +145,52 @@ def test_gorl_update_applies_the_stage_settings(module):
         np.testing.assert_allclose(metrics["loss"] - unregularised, coef * metrics["latent_reg"], rtol=1e-2)
 
 
+@pytest.mark.parametrize("module", GORL)
+def test_gorl_update_clips_the_gradient_norm_at_the_stages_setting(module):
+    """With plain gradient descent at rate 1 in place of Adam (whose first step would hide a uniform scaling), one
+    update moves the parameters by exactly the gradient clipped to the stage's norm: 0.5 in stage 0, 1.0 later."""
+    args = tiny_args(module)
+    networks, params = networks_and_params(module, 0)
+    transitions, _, stats = two_sample_batch(module, params, networks, jax.random.key(1))
+    optimizer = optax.sgd(1.0)
+    update = jax.jit(module.make_update(networks[0], networks[1], optimizer, args))
+    for stage, max_grad_norm in ((0, 0.5), (1, 1.0)):
+        settings = module.stage_settings(args, stage)
+        new_params, _, metrics = update(
+            params, optimizer.init(params), stats, settings, transitions, transitions.obs[-1], jax.random.key(7)
+        )
+        step = optax.global_norm(jax.tree.map(jnp.subtract, new_params, params))
+        assert float(metrics["grad_norm"]) > 2.0  # the gradient before the clip, above both
+        assert float(step) == pytest.approx(max_grad_norm, rel=1e-4)
+
+
 def test_ballincup_runs_stage_zero_without_the_latent_regulariser():
     for module in GORL:
         assert tiny_args(module, env_id="BallInCup").latent_reg_coef == (0.0, 1e-3)
         assert tiny_args(module).latent_reg_coef == (5e-4, 1e-3)
         assert float(module.stage_settings(tiny_args(module, env_id="BallInCup"), 0).latent_reg_coef) == 0.0
+
+
+@pytest.mark.parametrize("module", GORL, ids=lambda m: m.ALGO)
+def test_gorl_defaults_follow_the_authors_code(module):
+    """The defaults are the configuration behind the paper's Table 1 (the authors' code): per stage, the encoder's
+    settings and budget; the latent regulariser; the decoder's data, network, schedule and fit."""
+    args = module.Args()
+    module.check_args(args)
+    assert args.stage_timesteps == (60_000_000, 60_000_000, 30_000_000, 30_000_000)
+    assert args.stage_iterations == (61, 61, 30, 30)
+    assert (args.learning_rate, args.clip_eps, args.max_grad_norm) == (1e-3, (0.15, 0.3), (0.5, 1.0))
+    assert (args.latent_reg, args.latent_reg_coef, args.ent_coef) == ("l2", (5e-4, 1e-3), 0.01)
+    assert args.decoder_data_policy == "best"
+    assert (args.decoder_dataset_size, args.collection_rollouts) == (10_000_000, 11)
+    assert module.held_out_size(args.decoder_dataset_size) == 1_000_000
+    assert (args.decoder_batch_size, args.decoder_epochs, args.decoder_patience) == (8192, 50, 20)
+    assert (args.decoder_learning_rate, module.NUM_NOISE_PAIRS) == (3e-4, 8)
+    # 10 Euler steps of the flow; 10 levels of the cosine schedule
+    assert (module.NUM_FLOW_STEPS if module is gorl_ppo_fm else module.NUM_DIFFUSION_LEVELS) == 10
+    (latent_policy, critic, decoder_network), _ = networks_and_params(module, 0)
+    assert latent_policy.layer_sizes == (32,) * 4 + (2 * ACTION_SIZE,) and critic.layer_sizes == (256,) * 5 + (1,)
+    assert decoder_network.hidden_sizes == (64,) * 4 and module.NUM_HISTOGRAM_ACTIONS == 10_000
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -202,6 +244,46 @@ def test_surrogate_is_the_clipped_objective_of_the_paper(module, overrides):
         ratios = ratios[:, 0]
         advantages = advantages[:, 0]
     expected = -np.mean(np.minimum(ratios * advantages, np.clip(ratios, 1 - clip, 1 + clip) * advantages))
+    np.testing.assert_allclose(float(metrics["policy_loss"]), expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("module, overrides", SURROGATE_CASES, ids=lambda c: getattr(c, "ALGO", None) or str(c))
+def test_a_truncated_step_is_left_out_of_the_losses(module, overrides):
+    """The two-sample batch with a third sample cut by the time limit (rewarded 5): it has neither an advantage nor a
+    value target error, and the other two are normalised among themselves, so with the ratios of RATIOS the policy
+    loss and the value loss are 2/3 of the two-sample batch's (a mean over three samples, not two)."""
+    networks, params = networks_and_params(module, 0)
+    transitions, _, stats = two_sample_batch(module, params, networks, jax.random.key(1))
+    ratios = RATIOS[None, :, None] if module in (fpo, dppo) else RATIOS[None]  # the same for each pair or step
+    transitions = with_ratios(module, transitions, jnp.asarray(ratios, jnp.float32))
+    truncated = jax.tree.map(lambda x: x[:, :1], transitions)._replace(
+        reward=jnp.array([[5.0]]), termination=jnp.zeros((1, 1)), truncation=jnp.ones((1, 1))
+    )
+    with_truncated = jax.tree.map(lambda *x: jnp.concatenate(x, axis=1), transitions, truncated)
+    losses = []
+    for batch, size in ((transitions, 2), (with_truncated, 3)):
+        args = tiny_args(module, num_envs=size, batch_size=size, **overrides)
+        settings = module.stage_settings(args, 1) if module in GORL else None
+        _, _, metrics = one_update(module, args, networks, params, batch, stats, settings)
+        losses.append(np.array([metrics["policy_loss"], metrics["value_loss"]]))
+    np.testing.assert_allclose(losses[1], 2 / 3 * losses[0], rtol=1e-5)
+    assert np.all(np.abs(losses[0]) > 1e-3)
+
+
+def test_fpo_clips_each_pairs_log_ratio_to_three():
+    """FPO's per-pair ratio is exp of loss_old - loss_new clipped to +-3: a pair of the unrewarded sample (advantage
+    -1) whose loss fell by 5 enters the surrogate's min unclipped by the surrogate's clip, so its ratio shows the
+    log-ratio clip (e^3, not e^5); pairs of either sample at log-ratios +-5 and 0.5 are checked beside it."""
+    args = tiny_args(fpo)
+    networks, params = networks_and_params(fpo, 0)
+    transitions, _, stats = two_sample_batch(fpo, params, networks, jax.random.key(1))
+    log_ratios = np.zeros((2, fpo.NUM_NOISE_PAIRS), np.float32)
+    log_ratios[:, :3] = [[5.0, -5.0, 0.5], [5.0, -5.0, 0.5]]
+    transitions = with_ratios(fpo, transitions, jnp.exp(jnp.asarray(log_ratios))[None])
+    _, _, metrics = one_update(fpo, args, networks, params, transitions, stats)
+    ratios, advantages = np.exp(np.clip(log_ratios, -3.0, 3.0)), np.array([[1.0], [-1.0]])
+    clipped = np.clip(ratios, 1 - args.clip_eps, 1 + args.clip_eps)
+    expected = -np.mean(np.minimum(ratios * advantages, clipped * advantages))
     np.testing.assert_allclose(float(metrics["policy_loss"]), expected, rtol=1e-4)
 
 
@@ -276,22 +358,34 @@ def test_entropy_bonus_widens_the_policy(module):
     assert float(jnp.sum(jnp.log(after))) > float(jnp.sum(jnp.log(before))), "the entropy bonus narrowed the policy"
 
 
+def test_ppo_entropy_is_the_squashed_policys():
+    """PPO's entropy term is the tanh-squashed Gaussian's: the Gaussian's entropy plus log |d tanh / dx| at a sample
+    (Brax's PPO). At a mean of 3 and std 0.1 the tanh term, about -4.6 per dimension, outweighs the Gaussian's."""
+    overrides = {**OTHER_TERMS_OFF[ppo_continuous], "vf_coef": 0.0, "ent_coef": 0.5}
+    *_, metrics = one_sample_update(ppo_continuous, overrides, output_bias(3.0, 0.1))
+    gaussian = ACTION_SIZE * 0.5 * np.log(2 * np.pi * np.e * 0.1**2)
+    tanh_term = ACTION_SIZE * np.log(1.0 - np.tanh(3.0) ** 2)  # at the mean; a sample's spreads by about 0.35
+    assert abs(float(metrics["entropy"]) - (gaussian + tanh_term)) < 1.0, float(metrics["entropy"])
+
+
 @pytest.mark.parametrize("kind", ["l2", "kl"])
 @pytest.mark.parametrize("module", GORL, ids=lambda m: m.ALGO)
 def test_latent_regularizer_pulls_the_encoder_toward_the_prior(module, kind):
     """With every other term off, the loss is the stage's coefficient times the regulariser, and one update moves an
-    encoder at N(0.5, 2^2) toward N(0, I): the regulariser, computed here in numpy, falls."""
+    encoder at N(0.5, 2^2) toward N(0, I): the regulariser, computed here in numpy, falls. The KL from the prior is
+    logged with either regulariser."""
     overrides = {"vf_coef": 0.0, "ent_coef": 0.0, "latent_reg": kind, "latent_reg_coef": (0.0, 0.25)}
     networks, params, new_params, batch, metrics = one_sample_update(module, overrides, output_bias(0.5, 2.0))
     obs = module.normalize(module.init_running_stats(OBS_SIZE), batch.obs)
 
-    def regularizer(params):
+    def regularizer(params, kind=kind):
         mean, std = (np.asarray(x, np.float64) for x in policy_std(module, networks, params, obs))
         if kind == "kl":
             return np.mean(np.sum(0.5 * (mean**2 + std**2 - 1.0) - np.log(std), axis=-1))
         return np.mean(mean**2) + np.mean(std**2)
 
     np.testing.assert_allclose(float(metrics["latent_reg"]), regularizer(params), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["latent_kl"]), regularizer(params, "kl"), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["loss"]), 0.25 * float(metrics["latent_reg"]), rtol=1e-6)
     assert regularizer(new_params) < regularizer(params), "the update pushed the encoder away from the prior"
 
