@@ -11,9 +11,23 @@
 #   bash benchmark.sh estimate --preset {paper,cpu,smoke} [--algos ...] [--env-ids ...] [--seeds ...] [--jobs N]
 #       run each script of the preset for 3 iterations at the preset's sizes here, then print (and write to
 #       OUT/estimate.json) start-up, env steps/s, GoRL's stage change, peak memory, hours per run and the grid's hours
-# JAX's persistent compilation cache is on (MJX programs take tens of seconds to compile on a CPU).
+# It runs the active virtual environment's Python, else the repository's .venv's, else python3, so that it works without
+# the environment activated. JAX's persistent compilation cache is on (MJX programs take tens of seconds to compile on
+# a CPU).
 set -euo pipefail
 cd "$(dirname "$0")"
+if [[ -n "${VIRTUAL_ENV:-}" && -x "$VIRTUAL_ENV/bin/python" ]]; then
+    python="$VIRTUAL_ENV/bin/python"
+elif [[ -x .venv/bin/python ]]; then
+    python="$PWD/.venv/bin/python"
+else
+    python=python3
+fi
+if ! "$python" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("jax") is None)' 2>/dev/null; then
+    echo "error: $python cannot import jax: activate the project's environment (. .venv/bin/activate) or install it" \
+        "(README.md, Setup: pip install -r requirements.txt)" >&2
+    exit 1
+fi
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.cache/jax}"
 export PYTHONUNBUFFERED=1
-exec python benchmark.py "$@"
+exec "$python" benchmark.py "$@"

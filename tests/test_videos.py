@@ -1,11 +1,24 @@
 """--capture-video: the episodes the evaluation ran, rendered to MP4 files in the run folder and to TensorBoard."""
 
 import os
+import shlex
+import subprocess
+import sys
 
 import imageio_ffmpeg
 import numpy as np
 import pytest
-from conftest import CPU_ARGS, N, SCRIPTS, SCRIPTS_UNDER_TEST, only_run_folder, read_json, run_script
+from conftest import (
+    CPU_ARGS,
+    ROOT,
+    SCRIPTS,
+    SCRIPTS_UNDER_TEST,
+    N,
+    documented_commands,
+    only_run_folder,
+    read_json,
+    run_script,
+)
 
 # Small frames, and every tenth step of CartpoleSwingup's 1000-step episodes: 101 frames from the start state on.
 VIDEO_ARGS = ("--capture-video", "--video-width", 64, "--video-height", 48, "--video-frame-stride", 10)
@@ -39,15 +52,37 @@ def tensorboard_videos(run_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_saved_model_renders_the_episode_of_its_evaluation(script, learning_runs, tmp_path):
+def test_readmes_command_renders_the_saved_model_of_the_quick_start_run(script, learning_runs, tmp_path):
+    """The README's command that watches the quick-start run's saved model, run by bash as written (the other scripts
+    under their own name, with their own no-training option) in the folder whose runs/ holds the smoke preset's run (the
+    quick start with --save-model, as tests/test_docs.py checks), at small video sizes and into a folder of its own:
+    it evaluates the model on the episodes of the run's last evaluation, whose returns it reproduces, and renders the
+    first to videos/ and to TensorBoard."""
     run_path, _ = learning_runs(script)
-    steps = read_json(os.path.join(run_path, "summary.json"))["env_steps"]
+    summary = read_json(os.path.join(run_path, "summary.json"))
+    readme = documented_commands("README.md")
+    (watching,) = [line for line in readme if line.startswith("python") and "--load-model" in line]
+    assert watching.startswith("python gorl_ppo_fm.py ") and " --stage-timesteps 0 " in watching
     no_training, _ = SCRIPTS_UNDER_TEST[script]
-    model = os.path.join(run_path, "model.msgpack")
-    args = (*CPU_ARGS, *no_training, "--load-model", model, *VIDEO_ARGS, "--run-dir", tmp_path)
-    result = run_script(script, *args)
+    command = watching.replace("gorl_ppo_fm", script.removesuffix(".py"))
+    command = command.replace("--stage-timesteps 0", shlex.join(map(str, no_training)))
+    command = command.replace(f"python {script}", shlex.join([sys.executable, os.path.join(ROOT, script)]), 1)
+    command += " " + shlex.join(map(str, (*VIDEO_ARGS, "--run-dir", tmp_path)))
+    result = subprocess.run(
+        ["bash", "-c", command],
+        cwd=learning_runs.out,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rendered = only_run_folder(tmp_path)
+    reloaded = read_json(os.path.join(rendered, "summary.json"))
+    assert reloaded["env_steps"] == summary["env_steps"]
+    for name in [name for name in summary if name.startswith("final_")]:  # both modes
+        assert reloaded[name] == pytest.approx(summary[name], rel=1e-5, abs=1e-4), name
+    steps = summary["env_steps"]
     assert os.listdir(os.path.join(rendered, "videos")) == [f"{steps}.mp4"]
     assert_episode_video(os.path.join(rendered, "videos", f"{steps}.mp4"))
     assert tensorboard_videos(rendered) == {"videos/evaluation": [steps]}
