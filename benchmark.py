@@ -1,14 +1,15 @@
 """The measurements behind benchmark.sh.
 
-    python benchmark.py returns --preset {paper,cpu,smoke} [--algos ...] [--env-ids ...] [--seeds ...] [--out DIR]
-                                [--jobs N] [--dry-run] [--slurm [--submit]]
+    python benchmark.py returns --preset {paper,cpu,smoke} [--algos ... | --scripts PATH ...] [--env-ids ...]
+                                [--seeds ...] [--out DIR] [--jobs N] [--dry-run] [--slurm [--submit]]
     python benchmark.py summarize DIR [--out DIR]
     python benchmark.py speed [--scripts ...] [--env-ids ...] [--impls ...]
     python benchmark.py estimate --preset {paper,cpu,smoke} [--algos ...] [--env-ids ...] [--seeds ...] [--jobs N]
                                  [--out DIR] [--timeout SECONDS]
 
 `returns` runs a grid of algorithms x tasks x seeds (skipping runs that already finished, so an interrupted grid
-resumes), locally or as a Slurm job array, then summarises it. `summarize` turns any folder of run folders into
+resumes), locally or as a Slurm job array, then summarises it; --scripts runs copies of the scripts (forks) beside the
+originals, each labelled by its file name. `summarize` turns any folder of run folders into
 results.md (the paper's Table 1 layout, the paper's numbers beside ours), results.json and one learning-curve plot per
 task. `speed` reports, for every algorithm script present, task and physics implementation, at 256 envs x 480 steps
 per iteration: the training env steps per second of the script itself (from its summary.json), the env steps per
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import NamedTuple
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = ("ppo_continuous.py", "gorl_ppo_fm.py", "gorl_ppo_diffusion.py", "fpo.py", "dppo.py")
@@ -177,33 +179,77 @@ PRESETS = {
 }
 
 
-def cell_command(preset, algo, env_id, seed, out):
+class Script(NamedTuple):
+    """A script the grid runs: one of the five, or a copy of one (a fork) anywhere on disk."""
+
+    path: str  # absolute
+    label: str  # its file name without .py: its runs' --exp-name, which names them in the run folders and the summary
+    algo: str  # its ALGO, that of the script it was copied from: it takes that script's arguments in a preset
+
+
+ALGO_LINE = re.compile(r'^ALGO = "(\w+)"$', re.MULTILINE)
+
+
+def script_at(path):
+    """The Script at `path`; exits with one line where it is neither one of the five scripts nor a copy of one."""
+    path = os.path.abspath(path)
+    label = os.path.basename(path).removesuffix(".py")
+    try:
+        with open(path) as f:
+            algo = ALGO_LINE.search(f.read())
+    except OSError as error:
+        sys.exit(f"error: --scripts {path}: {error.strerror}")
+    if not path.endswith(".py") or algo is None or algo.group(1) not in ALGOS:
+        sys.exit(
+            f"error: --scripts {path} is neither an algorithm script nor a copy of one: a copy keeps the line "
+            f"ALGO = \"...\" of its original, one of {', '.join(ALGOS)}"
+        )
+    if not re.fullmatch(r"[\w-]+", label):
+        sys.exit(f"error: --scripts {path}: name a copy with letters, digits, '_' and '-' only (it labels its runs)")
+    if label in ALGOS and path != os.path.join(ROOT, f"{label}.py"):
+        sys.exit(f"error: --scripts {path}: give the copy a file name of its own; {label} labels the original's runs")
+    return Script(path, label, algo.group(1))
+
+
+def selected_scripts(args):
+    """The Scripts of --scripts, else of --algos, else every algorithm script present; labels must differ."""
+    if args.scripts:
+        scripts = [script_at(path) for path in args.scripts]
+    else:
+        paths = [os.path.join(ROOT, f"{algo}.py") for algo in args.algos or ALGOS]
+        scripts = [script_at(path) for path in paths if os.path.exists(path)]
+    labels = [script.label for script in scripts]
+    if len(set(labels)) < len(labels):
+        sys.exit(f"error: --scripts: two scripts share a file name ({', '.join(labels)}), so their runs would mix")
+    return scripts
+
+
+def cell_command(preset, script, env_id, seed, out):
     """The command that runs one cell of the grid under out/runs: the interrupted run's --resume where one left a
-    checkpoint, else a new run."""
-    script = os.path.join(ROOT, f"{algo}.py")
+    checkpoint, else a new run with the preset's arguments of the script's ALGO."""
     interrupted = [
         os.path.dirname(path)
-        for path in glob.glob(os.path.join(out, "runs", f"{env_id}__{algo}__{seed}__*", "checkpoint.msgpack"))
+        for path in glob.glob(os.path.join(out, "runs", f"{env_id}__{script.label}__{seed}__*", "checkpoint.msgpack"))
         if not os.path.exists(os.path.join(os.path.dirname(path), "summary.json"))
     ]
     if interrupted:
-        return [sys.executable, script, "--resume", max(interrupted, key=os.path.getmtime)]
-    command = [sys.executable, script, "--env-id", env_id, "--seed", str(seed)]
-    return command + [*map(str, PRESETS[preset]["args"][algo]), "--run-dir", os.path.join(out, "runs")]
+        return [sys.executable, script.path, "--resume", max(interrupted, key=os.path.getmtime)]
+    command = [sys.executable, script.path, "--env-id", env_id, "--seed", str(seed), "--exp-name", script.label]
+    return command + [*map(str, PRESETS[preset]["args"][script.algo]), "--run-dir", os.path.join(out, "runs")]
 
 
-def grid(preset, algos, env_ids, seeds, out):
-    """[(algo, env_id, seed, command)] for every cell of the grid."""
+def grid(preset, scripts, env_ids, seeds, out):
+    """[(label, env_id, seed, command)] for every cell of the grid."""
     cells = []
     for env_id in env_ids:
-        for algo in algos:
+        for script in scripts:
             for seed in seeds:
-                cells.append((algo, env_id, seed, cell_command(preset, algo, env_id, seed, out)))
+                cells.append((script.label, env_id, seed, cell_command(preset, script, env_id, seed, out)))
     return cells
 
 
-def finished(out, algo, env_id, seed):
-    return bool(glob.glob(os.path.join(out, "runs", f"{env_id}__{algo}__{seed}__*", "summary.json")))
+def finished(out, label, env_id, seed):
+    return bool(glob.glob(os.path.join(out, "runs", f"{env_id}__{label}__{seed}__*", "summary.json")))
 
 
 def visible_gpus():
@@ -257,10 +303,10 @@ def slurm_script(out, commands_file, num_tasks, options):
 
 def returns(args):
     preset = PRESETS[args.preset]
-    algos = [a for a in (args.algos or ALGOS) if os.path.exists(os.path.join(ROOT, f"{a}.py"))]
+    scripts = selected_scripts(args)
     env_ids, seeds = args.env_ids or preset["env_ids"], args.seeds or preset["seeds"]
     out = os.path.abspath(args.out or os.path.join(ROOT, "benchmark_results", args.preset))
-    cells = grid(args.preset, algos, env_ids, seeds, out)
+    cells = grid(args.preset, scripts, env_ids, seeds, out)
     todo = [cell for cell in cells if not finished(out, *cell[:3])]
     print(f"{len(cells)} runs in the grid, {len(cells) - len(todo)} already finished, {len(todo)} to run", flush=True)
     if args.dry_run:
@@ -273,12 +319,14 @@ def returns(args):
         commands_file = os.path.join(out, "slurm", "commands.txt")
         with open(commands_file, "w") as f:
             # Each task works out its command when it starts, so that a requeued task resumes its run.
+            path_of = {script.label: script.path for script in scripts}
             f.writelines(
                 shlex.join(
-                    [sys.executable, os.path.abspath(__file__), "_cell", args.preset, algo, env_id, str(seed), out]
+                    [sys.executable, os.path.abspath(__file__), "_cell", args.preset, path_of[label], env_id, str(seed)]
+                    + [out]
                 )
                 + "\n"
-                for algo, env_id, seed, _ in todo
+                for label, env_id, seed, _ in todo
             )
         sbatch = os.path.join(out, "slurm", "grid.sbatch")
         with open(sbatch, "w") as f:
@@ -321,15 +369,22 @@ def run_locally(cells, out, jobs):
 
 
 def read_runs(folder):
-    """Every finished run under `folder` (a summary.json beside an eval.csv); the newest per (algo, env, seed)."""
+    """Every finished run under `folder` (a summary.json beside an eval.csv); the newest per (label, env, seed). A run's
+    label is its --exp-name (config.json), by default its script's file name: a fork's runs stand apart from its
+    original's."""
     runs = {}
     for summary_path in sorted(glob.glob(os.path.join(folder, "**", "summary.json"), recursive=True)):
+        path = os.path.dirname(summary_path)
         with open(summary_path) as f:
             summary = json.load(f)
-        with open(os.path.join(os.path.dirname(summary_path), "eval.csv")) as f:
+        with open(os.path.join(path, "eval.csv")) as f:
             rows = [tuple(map(float, line.split(","))) for line in f.read().splitlines()[1:] if line]
-        run = {**summary, "path": os.path.dirname(summary_path), "curve": rows}
-        cell = (summary["algo"], summary["env_id"], summary["seed"])
+        label = summary["algo"]
+        if os.path.exists(os.path.join(path, "config.json")):
+            with open(os.path.join(path, "config.json")) as f:
+                label = json.load(f).get("exp_name", label)
+        run = {**summary, "label": label, "path": path, "curve": rows}
+        cell = (label, summary["env_id"], summary["seed"])
         if cell not in runs or os.path.getmtime(summary_path) > os.path.getmtime(
             os.path.join(runs[cell]["path"], "summary.json")
         ):
@@ -412,6 +467,7 @@ def summarize_folder(folder, out, expected=None):
         lines += ["", f"Missing runs ({len(missing)}): " + "; ".join(f"{a} on {e}, seed {s}" for a, e, s in missing)]
     aggregate = aggregate_over_tasks(runs, algos, env_ids)
     lines += aggregate_lines(aggregate)
+    lines += warm_start_lines(runs, algos, env_ids)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -433,8 +489,40 @@ def summarize_folder(folder, out, expected=None):
     print("\n".join(lines))
 
 
+def warm_start_lines(runs, algos, env_ids):
+    """results.md's section on GoRL's stage changes: at each, the stochastic return of the encoder the new decoder was
+    fitted to and of the restarted encoder through the new decoder, on the same episodes (the warm start)."""
+    changes = [
+        (algo, env_id, seed, run["stages"][1:])
+        for algo in algos
+        for env_id in env_ids
+        for (a, e, seed), run in sorted(runs.items())
+        if (a, e) == (algo, env_id) and len(run.get("stages", ())) > 1
+    ]
+    if not changes:
+        return []
+    columns = max(len(stages) for *_, stages in changes)
+    lines = [
+        "",
+        "## GoRL's stage changes: the behavioural warm start",
+        "",
+        "At each change, the stochastic return of the encoder the new decoder was fitted to (through its own decoder) "
+        "-> that of the encoder restarted at the prior, through the new decoder, on the same episodes and noise. "
+        "The learning curves mark the changes with dotted lines.",
+        "",
+        "| method | task | seed | " + " | ".join(f"stage {i}" for i in range(1, columns + 1)) + " |",
+        "|---|---|---|" + "---|" * columns,
+    ]
+    for algo, env_id, seed, stages in changes:
+        cells = [f"{s['stochastic_return_before']:.1f} -> {s['warm_start_return']:.1f}" for s in stages]
+        cells += [""] * (columns - len(cells))
+        lines.append(f"| {ALGO_NAMES.get(algo, algo)} | {env_id} | {seed} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def plot_curves(runs, algos, env_id, path):
-    """Eval return against env steps for one task: the mean over seeds and a band of one std, per algorithm."""
+    """Eval return against env steps for one task: the mean over seeds and a band of one std, per algorithm; GoRL's
+    stage changes as dotted lines in its colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -456,6 +544,9 @@ def plot_curves(runs, algos, env_id, path):
             color=line.get_color(),
             alpha=0.2,
         )
+        stages = [stage for (a, e, _), r in runs.items() if (a, e) == (algo, env_id) for stage in r.get("stages", [])]
+        for change in sorted({stage["env_steps"] for stage in stages})[:-1]:  # every stage's end but the run's
+            axes.axvline(change, color=line.get_color(), linestyle=":", alpha=0.7)
     axes.set(title=env_id, xlabel="env steps", ylabel="eval return")
     axes.legend()
     figure.tight_layout()
@@ -898,7 +989,8 @@ def measure_cost(algo, env_id, preset, sizes, timeout):
     evaluation with its checkpoint, and GoRL's stage change, which is projected to the preset's dataset and epochs."""
     per_iteration = sizes["steps_per_iteration"]
     with tempfile.TemporaryDirectory() as run_dir:
-        command = [*cell_command(preset, algo, env_id, 1, run_dir)[:-2], "--run-dir", run_dir]
+        script = script_at(os.path.join(ROOT, f"{algo}.py"))
+        command = [*cell_command(preset, script, env_id, 1, run_dir)[:-2], "--run-dir", run_dir]
         command += map(str, measurement_arguments(algo, sizes))
         lines, returncode = time_lines(command, timeout)
         if returncode != 0:
@@ -1065,7 +1157,15 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     returns_parser = commands.add_parser("returns", help="run a grid of algorithms x tasks x seeds, then summarise it")
     returns_parser.add_argument("--preset", choices=list(PRESETS), required=True)
-    returns_parser.add_argument("--algos", nargs="+", choices=ALGOS, help="default: every algorithm script present")
+    chosen = returns_parser.add_mutually_exclusive_group()
+    chosen.add_argument("--algos", nargs="+", choices=ALGOS, help="default: every algorithm script present")
+    chosen.add_argument(
+        "--scripts",
+        nargs="+",
+        metavar="PATH",
+        help="scripts to run instead of --algos: any of the five or a copy of one (it runs at the preset's arguments "
+        "of the script it was copied from, and its runs are labelled by its file name)",
+    )
     returns_parser.add_argument("--env-ids", nargs="+", help="default: the preset's tasks")
     returns_parser.add_argument("--seeds", nargs="+", type=int, help="default: the preset's seeds")
     returns_parser.add_argument("--out", help="default: benchmark_results/PRESET")
@@ -1103,7 +1203,7 @@ def main(argv=None):
         "--timeout", type=float, default=600, help="seconds for the whole estimate (default 600); rows left unmeasured"
     )
     cell_parser = commands.add_parser("_cell")  # one run of a grid, new or resumed (used by --slurm's array tasks)
-    for name in ("preset", "algo", "env_id", "seed", "out"):
+    for name in ("preset", "script", "env_id", "seed", "out"):
         cell_parser.add_argument(name, type=int if name == "seed" else str)
     stepping_parser = commands.add_parser("_stepping")  # one measurement, in its own process (used by `speed`)
     stepping_parser.add_argument("script")
@@ -1123,7 +1223,7 @@ def main(argv=None):
             parser.error("--jobs and --timeout must be positive")
         estimate(args)
     elif args.command == "_cell":
-        command = cell_command(args.preset, args.algo, args.env_id, args.seed, args.out)
+        command = cell_command(args.preset, script_at(args.script), args.env_id, args.seed, args.out)
         os.execv(command[0], command)
     else:
         sys.path.insert(0, ROOT)

@@ -1,12 +1,16 @@
 """benchmark.py (behind benchmark.sh): the summary on fabricated run folders, the grid's commands for every preset and
-for Slurm, resuming, the smoke preset end to end, and the speed mode's table and its hold on every script's rollout."""
+for Slurm, resuming, the smoke preset end to end, the speed mode's table and its hold on every script's rollout, and the
+interpreter benchmark.sh runs."""
 
 import json
 import os
 import shlex
+import shutil
+import subprocess
+import sys
 
 import pytest
-from conftest import SCRIPTS, read_json, run_benchmark
+from conftest import ROOT, SCRIPTS, read_json, run_benchmark
 
 import benchmark
 
@@ -91,16 +95,17 @@ def test_summary_keeps_the_newest_run_of_a_cell(tmp_path):
 
 @pytest.mark.parametrize("preset, runs", [("paper", 5 * 6 * 5), ("cpu", 5 * 6 * 2), ("smoke", 5)])
 def test_every_preset_builds_its_grid(preset, runs, tmp_path):
+    scripts = [benchmark.script_at(os.path.join(ROOT, f"{algo}.py")) for algo in benchmark.ALGOS]
     cells = benchmark.grid(
-        preset, benchmark.ALGOS, benchmark.PRESETS[preset]["env_ids"], benchmark.PRESETS[preset]["seeds"], str(tmp_path)
+        preset, scripts, benchmark.PRESETS[preset]["env_ids"], benchmark.PRESETS[preset]["seeds"], str(tmp_path)
     )
     assert len(cells) == runs and len({tuple(cell[:3]) for cell in cells}) == runs
     for algo, env_id, seed, command in cells:
-        assert command[1].endswith(f"{algo}.py")
-        assert command[2:6] == ["--env-id", env_id, "--seed", str(seed)]
+        assert command[1] == os.path.join(ROOT, f"{algo}.py")
+        assert command[2:8] == ["--env-id", env_id, "--seed", str(seed), "--exp-name", algo]
         assert command[-2:] == ["--run-dir", os.path.join(str(tmp_path), "runs")]
         if preset == "paper":  # the scripts' defaults are the paper's configuration; its long runs keep their models
-            assert command[6:-2] == ["--save-model"]
+            assert command[8:-2] == ["--save-model"]
         else:
             assert "--num-envs" in command and ("--stage-timesteps" in command) == algo.startswith("gorl")
 
@@ -111,6 +116,56 @@ def test_smoke_preset_runs_the_tests_learning_configuration():
     for algo in benchmark.ALGOS:
         arguments = list(map(str, benchmark.PRESETS["smoke"]["args"][algo]))
         assert ["--env-id", "CartpoleSwingup", *arguments[: len(CPU_ARGS) - 2]] == list(map(str, CPU_ARGS))
+
+
+# Where the interpreter benchmark.sh should run lies ({repo}: its folder), and that interpreter's arguments: this test's
+# own Python, or the same without site-packages (so without jax). None: no interpreter anywhere.
+INTERPRETERS = {
+    "active environment": ("{tmp}/venv", ()),
+    "repository .venv": ("{repo}/.venv", ()),
+    "active environment without jax": ("{tmp}/venv", ("-S",)),
+    "none": (None, ()),
+}
+
+
+@pytest.mark.parametrize("where", INTERPRETERS)
+def test_benchmark_sh_runs_the_projects_python_though_none_is_on_the_path(where, tmp_path):
+    """benchmark.sh, in a folder of its own with a PATH that holds no Python, runs $VIRTUAL_ENV's python, else the
+    repository's .venv's, as far as benchmark.py's --help; where that interpreter cannot import jax (or python3, the
+    last resort, is missing) it says in one line what to activate, and fails."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(os.path.join(ROOT, "benchmark.sh"), repo)
+    os.symlink(os.path.join(ROOT, "benchmark.py"), repo / "benchmark.py")
+    (tmp_path / "tools").mkdir()  # the PATH: only the one other program benchmark.sh calls
+    os.symlink(shutil.which("dirname"), tmp_path / "tools" / "dirname")
+    environment = {"PATH": str(tmp_path / "tools")}
+    folder, python_args = INTERPRETERS[where]
+    if folder is not None:
+        folder = folder.format(tmp=tmp_path, repo=repo)
+        os.makedirs(os.path.join(folder, "bin"))
+        with open(os.path.join(folder, "bin", "python"), "w") as f:
+            f.write(f'#!/bin/sh\necho ran {folder} >&2\nexec {shlex.join([sys.executable, *python_args])} "$@"\n')
+        os.chmod(os.path.join(folder, "bin", "python"), 0o755)
+        if where.startswith("active environment"):
+            environment["VIRTUAL_ENV"] = folder
+    result = subprocess.run(
+        [shutil.which("bash"), repo / "benchmark.sh", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environment,
+    )
+    if where in ("active environment", "repository .venv"):
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("usage: benchmark.py") and f"ran {folder}\n" in result.stderr
+    else:
+        python = "python3" if folder is None else f"{folder}/bin/python"
+        assert result.returncode == 1 and result.stdout == ""
+        assert result.stderr.splitlines()[-1] == (
+            f"error: {python} cannot import jax: activate the project's environment (. .venv/bin/activate) or install"
+            " it (README.md, Setup: pip install -r requirements.txt)"
+        )
 
 
 @pytest.mark.slow

@@ -141,12 +141,13 @@ def test_benchmark_grid_resumes_an_interrupted_run(tmp_path):
     import benchmark
 
     args = benchmark.PRESETS["smoke"]["args"]["ppo_continuous"]
-    command = benchmark.cell_command("smoke", "ppo_continuous", "CartpoleSwingup", 1, str(tmp_path))
-    assert "--resume" not in command and list(map(str, args)) == command[6:-2]
+    script = benchmark.script_at(os.path.join(ROOT, "ppo_continuous.py"))
+    command = benchmark.cell_command("smoke", script, "CartpoleSwingup", 1, str(tmp_path))
+    assert "--resume" not in command and list(map(str, args)) == command[8:-2]
     runs = tmp_path / "runs"
     code, console = stop_when(start("ppo_continuous.py", *PPO_ARGS, "--seed", 1, "--run-dir", runs), "iter    1/6")
     run_path = assert_stopped(code, console)
-    command = benchmark.cell_command("smoke", "ppo_continuous", "CartpoleSwingup", 1, str(tmp_path))
+    command = benchmark.cell_command("smoke", script, "CartpoleSwingup", 1, str(tmp_path))
     assert command[1:] == [os.path.join(ROOT, "ppo_continuous.py"), "--resume", run_path]
 
 
