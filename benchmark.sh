@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The project's benchmarks, one command each (details: python benchmark.py --help, and README.md):
-#   bash benchmark.sh returns --preset {paper,cpu,smoke} [--algos ...] [--env-ids ...] [--seeds ...] [--out DIR]
-#                             [--jobs N] [--dry-run] [--slurm [--submit]]
-#       run the grid of algorithms x tasks x seeds (finished runs are skipped), then write results.md, results.json
-#       and one learning-curve plot per task
+#   bash benchmark.sh returns --preset {paper,cpu,smoke} [--algos ... | --scripts PATH ...] [--env-ids ...]
+#                             [--seeds ...] [--out DIR] [--jobs N] [--dry-run] [--slurm [--submit]]
+#       run the grid of algorithms (or of scripts and copies of them, labelled by file name) x tasks x seeds (finished
+#       runs are skipped), then write results.md, results.json and one learning-curve plot per task
 #   bash benchmark.sh summarize DIR            the same summary for any folder of runs
 #   bash benchmark.sh speed [--scripts ...] [--env-ids ...] [--impls jax warp] [--measure ...] [--out FILE]
 #       env steps per second of every script: training, rollout alone, pure MJX stepping (256 envs), and the
