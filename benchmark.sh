@@ -15,11 +15,11 @@
 # the environment activated. JAX's persistent compilation cache is on (MJX programs take tens of seconds to compile on
 # a CPU).
 set -euo pipefail
-cd "$(dirname "$0")"
+here="$(cd "$(dirname "$0")" && pwd)"  # the repository; paths given on the command line stay relative to where you are
 if [[ -n "${VIRTUAL_ENV:-}" && -x "$VIRTUAL_ENV/bin/python" ]]; then
     python="$VIRTUAL_ENV/bin/python"
-elif [[ -x .venv/bin/python ]]; then
-    python="$PWD/.venv/bin/python"
+elif [[ -x "$here/.venv/bin/python" ]]; then
+    python="$here/.venv/bin/python"
 else
     python=python3
 fi
@@ -28,6 +28,6 @@ if ! "$python" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec
         "(README.md, Setup: pip install -r requirements.txt)" >&2
     exit 1
 fi
-export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.cache/jax}"
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$here/.cache/jax}"
 export PYTHONUNBUFFERED=1
-exec "$python" benchmark.py "$@"
+exec "$python" "$here/benchmark.py" "$@"

@@ -4,7 +4,10 @@ preset's arguments pass every script's own checks on every task of the preset.""
 
 import json
 import os
+import shlex
 import shutil
+import subprocess
+import sys
 
 import matplotlib.axes
 import pytest
@@ -136,3 +139,22 @@ def test_an_unchanged_copy_reproduces_its_original_and_a_changed_one_is_labelled
     markdown = (out / "results.md").read_text()
     assert "| PPO (deterministic) |" in markdown and "| ppo_copy (deterministic) |" in markdown
     assert "| ppo_clip02 (deterministic) |" in markdown
+
+
+def test_a_forks_path_is_taken_from_where_benchmark_sh_is_run(tmp_path):
+    """`bash benchmark.sh returns --scripts PATH` run from another folder reads a relative PATH (and --out) from there,
+    not from the repository."""
+    (tmp_path / "forks").mkdir()
+    fork = copy_script("ppo_continuous.py", tmp_path / "forks" / "my_ppo.py")
+    result = subprocess.run(
+        ["bash", os.path.join(ROOT, "benchmark.sh"), "returns", "--preset", "smoke"]
+        + ["--scripts", "forks/my_ppo.py", "--out", "out", "--dry-run"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "VIRTUAL_ENV": sys.prefix},
+    )
+    assert result.returncode == 0, result.stderr
+    (command,) = [shlex.split(line) for line in result.stdout.splitlines()[1:]]
+    assert command[1] == fork and command[-1] == str(tmp_path / "out" / "runs")
