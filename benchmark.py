@@ -202,7 +202,7 @@ def script_at(path):
     if not path.endswith(".py") or algo is None or algo.group(1) not in ALGOS:
         sys.exit(
             f"error: --scripts {path} is neither an algorithm script nor a copy of one: a copy keeps the line "
-            f"ALGO = \"...\" of its original, one of {', '.join(ALGOS)}"
+            f'ALGO = "..." of its original, one of {", ".join(ALGOS)}'
         )
     if not re.fullmatch(r"[\w-]+", label):
         sys.exit(f"error: --scripts {path}: name a copy with letters, digits, '_' and '-' only (it labels its runs)")
