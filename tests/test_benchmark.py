@@ -93,7 +93,7 @@ def test_summary_keeps_the_newest_run_of_a_cell(tmp_path):
     assert read_json(tmp_path / "results.json")["table"]["fpo"]["CheetahRun"]["mean"] == 90.0
 
 
-@pytest.mark.parametrize("preset, runs", [("paper", 5 * 6 * 5), ("cpu", 5 * 6 * 2), ("smoke", 5)])
+@pytest.mark.parametrize("preset, runs", [("paper", 5 * 6 * 5), ("cpu", 5 * 2 * 3), ("smoke", 5)])
 def test_every_preset_builds_its_grid(preset, runs, tmp_path):
     scripts = [benchmark.script_at(os.path.join(ROOT, f"{algo}.py")) for algo in benchmark.ALGOS]
     cells = benchmark.grid(
@@ -405,6 +405,36 @@ def test_aggregate_needs_a_task_every_algorithm_ran(tmp_path):
     assert "No task has runs of every algorithm, so there is no aggregate." in markdown
     assert read_json(tmp_path / "summary" / "results.json")["aggregate"]["algos"] == {}
     assert not (tmp_path / "summary" / "performance_profile.png").exists()
+
+
+def test_the_cpu_preset_gives_every_algorithm_the_same_sizes_discount_and_steps():
+    """The cpu preset compares like with like: every algorithm gets the same envs, minibatches, epochs, evaluation and
+    discount, and as many env steps; GoRL's stages have the paper's shape (1/3, 1/3,
+    1/6, 1/6 of the run)."""
+
+    def flags(args):
+        parsed, flag = {}, None
+        for arg in map(str, args):
+            if arg.startswith("--"):
+                flag = arg
+                parsed[flag] = []
+            else:
+                parsed[flag].append(arg)
+        return parsed
+
+    preset = benchmark.PRESETS["cpu"]
+    assert len(preset["seeds"]) >= 3 and "CartpoleSwingup" in preset["env_ids"] and len(preset["env_ids"]) >= 2
+    runs = {algo: flags(preset["args"][algo]) for algo in benchmark.ALGOS}
+    shared = ("--num-envs", "--num-minibatches", "--batch-size", "--update-epochs", "--gamma", "--num-eval-envs")
+    shared += ("--eval-interval",)
+    for algo, parsed in runs.items():
+        assert {flag: parsed[flag] for flag in shared} == {flag: runs["ppo_continuous"][flag] for flag in shared}, algo
+        if algo.startswith("gorl"):
+            stages = [int(steps) for steps in parsed["--stage-timesteps"]]
+            assert sum(stages) == int(runs["ppo_continuous"]["--total-timesteps"][0]), algo
+            assert [6 * steps / sum(stages) for steps in stages] == [2, 2, 1, 1], algo
+        else:
+            assert parsed["--total-timesteps"] == runs["ppo_continuous"]["--total-timesteps"], algo
 
 
 # estimate: the projection of a preset's runs from a few measured iterations
