@@ -144,8 +144,8 @@ PRESETS = {
     # - tasks: on CartpoleSwingup PPO reached 829 at 1.23M steps (845 at 3.07M), from about 25 untrained; on
     #   ReacherHard (at its default discount, 0.995) PPO reached 812 and FPO 903 at 1.47M steps while GoRL(FM) ended
     #   at 14 on one seed and 833 on another: the algorithms separate. PendulumSwingup (PPO 0 to 33, GoRL(FM) 2 to 52,
-    #   seeds 1 to 3) and AcrobotSwingup (PPO 13, untrained 18) stayed near their untrained return; the paper's six
-    #   tasks need a GPU.
+    #   seeds 1 to 3, seed 1 at 3.07M steps) and AcrobotSwingup (PPO 13, untrained 18) stayed near their untrained
+    #   return; the paper's six tasks need a GPU.
     # - 3 seeds, the fewest that give an interval: one task's seeds went from 14 to 833.
     "cpu": {
         "env_ids": ("CartpoleSwingup", "ReacherHard"),
