@@ -141,7 +141,7 @@ PRESETS = {
     "paper": {"env_ids": PAPER_TASKS, "seeds": (1, 2, 3, 4, 5), "args": {algo: ("--save-model",) for algo in ALGOS}},
     # A grid a 2-core CPU runs in about 1.5 hours, where learning shows (README: its results). Measured on such a
     # machine at these sizes, two runs at a time:
-    # - tasks: on CartpoleSwingup PPO reached 829 at 1.23M steps (845 at 3.07M), from about 25 untrained; on
+    # - tasks: on CartpoleSwingup PPO reached 829 at 1.23M steps (845 at 3.07M), from under 100 at step 0; on
     #   ReacherHard (at its default discount, 0.995) PPO reached 812 and FPO 903 at 1.47M steps while GoRL(FM) ended
     #   at 14 on one seed and 833 on another: the algorithms separate. PendulumSwingup (PPO 0 to 33, GoRL(FM) 2 to 52,
     #   seeds 1 to 3, seed 1 at 3.07M steps) and AcrobotSwingup (PPO 13, untrained 18) stayed near their untrained

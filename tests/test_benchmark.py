@@ -409,8 +409,7 @@ def test_aggregate_needs_a_task_every_algorithm_ran(tmp_path):
 
 def test_the_cpu_preset_gives_every_algorithm_the_same_sizes_discount_and_steps():
     """The cpu preset compares like with like: every algorithm gets the same envs, minibatches, epochs, evaluation and
-    discount, and as many env steps; GoRL's stages have the paper's shape (1/3, 1/3,
-    1/6, 1/6 of the run)."""
+    discount, and as many env steps; GoRL's stages have the paper's shape (1/3, 1/3, 1/6, 1/6 of the run)."""
 
     def flags(args):
         parsed, flag = {}, None
@@ -425,16 +424,17 @@ def test_the_cpu_preset_gives_every_algorithm_the_same_sizes_discount_and_steps(
     preset = benchmark.PRESETS["cpu"]
     assert len(preset["seeds"]) >= 3 and "CartpoleSwingup" in preset["env_ids"] and len(preset["env_ids"]) >= 2
     runs = {algo: flags(preset["args"][algo]) for algo in benchmark.ALGOS}
-    shared = ("--num-envs", "--num-minibatches", "--batch-size", "--update-epochs", "--gamma", "--num-eval-envs")
-    shared += ("--eval-interval",)
+    shared = ["--num-envs", "--num-minibatches", "--batch-size", "--update-epochs", "--gamma"]
+    shared += ["--num-eval-envs", "--eval-interval"]
+    ppo = runs["ppo_continuous"]
     for algo, parsed in runs.items():
-        assert {flag: parsed[flag] for flag in shared} == {flag: runs["ppo_continuous"][flag] for flag in shared}, algo
+        assert [parsed[flag] for flag in shared] == [ppo[flag] for flag in shared], algo
         if algo.startswith("gorl"):
             stages = [int(steps) for steps in parsed["--stage-timesteps"]]
-            assert sum(stages) == int(runs["ppo_continuous"]["--total-timesteps"][0]), algo
+            assert sum(stages) == int(ppo["--total-timesteps"][0]), algo
             assert [6 * steps / sum(stages) for steps in stages] == [2, 2, 1, 1], algo
         else:
-            assert parsed["--total-timesteps"] == runs["ppo_continuous"]["--total-timesteps"], algo
+            assert parsed["--total-timesteps"] == ppo["--total-timesteps"], algo
 
 
 # estimate: the projection of a preset's runs from a few measured iterations
